@@ -1,0 +1,307 @@
+"""Checkpoint folders in the Mistral (params.json + consolidated.safetensors) and Hugging Face
+(config.json + model[-K-of-N].safetensors) layouts: open, validate, load, write, convert."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mistral_nemo.checkpoint import layouts
+from mistral_nemo.checkpoint.safetensors_io import LazyTensor, TensorSource, scan, write
+from mistral_nemo.config import ModelConfig
+from mistral_nemo.errors import CheckpointError
+from mistral_nemo.model import Transformer
+
+LAYOUTS = ("mistral", "hf")
+# A file saying the weights are random, so tools can label their output as noise.
+RANDOM_MARKER = "RANDOM_WEIGHTS.txt"
+# Files other than weights and config that travel with a checkpoint when it is converted.
+COMPANION_FILES = ("tekken.json", RANDOM_MARKER)
+HF_SHARD_BYTES = 5 * 10**9
+# Non-weight tensors some older HF checkpoints carry; safe to ignore.
+_HF_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass
+class Checkpoint:
+    """An opened, validated checkpoint folder; tensors by Mistral name, not yet read."""
+
+    path: Path
+    layout: str
+    config: ModelConfig
+    tensors: dict[str, LazyTensor]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype most of the weights are stored in."""
+        counts = Counter(t.dtype for t in self.tensors.values())
+        return counts.most_common(1)[0][0]
+
+    def load(
+        self, name: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
+        """Tensor `name` in our (Mistral) layout; a zero-copy memory map when nothing changes."""
+        t = self.tensors[name].load()
+        heads = layouts.rotary_heads(name, self.config)
+        if self.layout == "hf" and heads is not None:
+            t = layouts.hf_to_mistral_rows(t, heads)
+        return t.to(device=device, dtype=dtype or t.dtype)
+
+    def sources(self, dtype: torch.dtype | None = None) -> dict[str, TensorSource]:
+        return {
+            name: TensorSource(t.shape, dtype or t.dtype, partial(self.load, name, dtype))
+            for name, t in self.tensors.items()
+        }
+
+    def companion_files(self) -> dict[str, Path | bytes]:
+        return {f: self.path / f for f in COMPANION_FILES if (self.path / f).is_file()}
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        raise CheckpointError(
+            f"{path}: expected a checkpoint folder (Mistral or Hugging Face layout)"
+        )
+    config = ModelConfig.from_dir(path)
+    layout = "mistral" if (path / "params.json").is_file() else "hf"
+    tensors = _read_mistral(path) if layout == "mistral" else _read_hf(path)
+    _validate(path, config, tensors)
+    order = layouts.expected_shapes(config)
+    return Checkpoint(path, layout, config, {name: tensors[name] for name in order})
+
+
+def _read_mistral(path: Path) -> dict[str, LazyTensor]:
+    files = sorted(path.glob("consolidated*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: params.json found but no consolidated.safetensors")
+    return _merge(scan(f) for f in files)
+
+
+def _read_hf(path: Path) -> dict[str, LazyTensor]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: malformed index ({e})") from None
+        files = [path / f for f in dict.fromkeys(weight_map.values())]
+        missing_files = [f for f in files if not f.is_file()]
+        if missing_files:
+            raise CheckpointError(f"{index}: lists {missing_files[0].name}, which is missing")
+    elif (path / "model.safetensors").is_file():
+        files, weight_map = [path / "model.safetensors"], None
+    else:
+        files, weight_map = sorted(path.glob("model-*-of-*.safetensors")), None
+        if not files:
+            raise CheckpointError(
+                f"{path}: config.json found but no model.safetensors, "
+                "model.safetensors.index.json or model-*-of-*.safetensors"
+            )
+    hf_tensors = _merge(scan(f) for f in files)
+    if weight_map is not None:
+        for name, file in weight_map.items():
+            if name not in hf_tensors or hf_tensors[name].file.name != file:
+                raise CheckpointError(
+                    f"{path / file}: tensor {name!r} listed in the index is not in this file"
+                )
+    out = {}
+    for name, t in hf_tensors.items():
+        ours = layouts.mistral_name(name)
+        if ours is None:
+            if name.endswith(_HF_IGNORED_SUFFIXES):
+                continue
+            raise CheckpointError(f"{t.file}: unexpected tensor {name!r}")
+        out[ours] = t
+    return out
+
+
+def _merge(per_file: Iterable[dict[str, LazyTensor]]) -> dict[str, LazyTensor]:
+    out: dict[str, LazyTensor] = {}
+    for tensors in per_file:
+        for name, t in tensors.items():
+            if name in out:
+                raise CheckpointError(f"tensor {name!r} is in both {out[name].file} and {t.file}")
+            out[name] = t
+    return out
+
+
+def _validate(path: Path, config: ModelConfig, tensors: dict[str, LazyTensor]) -> None:
+    expected = layouts.expected_shapes(config)
+    if config.tie_embeddings:
+        tensors.pop("output.weight", None)  # some tied checkpoints store the copy anyway
+    for name, t in tensors.items():
+        if name not in expected:
+            raise CheckpointError(
+                f"{t.file}: unexpected tensor {name!r} (not part of a "
+                f"{config.n_layers}-layer model)"
+            )
+        if t.shape != expected[name]:
+            raise CheckpointError(
+                f"{t.file}: tensor {name!r} has shape {list(t.shape)}, "
+                f"the config implies {list(expected[name])}"
+            )
+    missing = [name for name in expected if name not in tensors]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise CheckpointError(f"{path}: missing tensor {missing[0]!r}{more}")
+
+
+# -- loading -------------------------------------------------------------------------------
+
+
+def load_model(
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> Transformer:
+    """Build a Transformer on the meta device, then assign each tensor as it is read.
+
+    On CPU in the file's dtype the weights stay memory-mapped (no copy at all); otherwise
+    each tensor is converted on its own, so peak memory is the result plus one tensor.
+    """
+    ckpt = open_checkpoint(path)
+    with torch.device("meta"):
+        model = Transformer(ckpt.config)
+    state = {}
+    for name in tqdm(ckpt.tensors, desc="loading", unit="tensor", disable=not progress):
+        state[name] = ckpt.load(name, dtype, device)
+    if ckpt.config.tie_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+# -- writing -------------------------------------------------------------------------------
+
+
+def write_checkpoint(
+    dst: str | Path,
+    config: ModelConfig,
+    layout: str,
+    sources: dict[str, TensorSource],
+    extra_files: dict[str, Path | bytes] | None = None,
+    progress: bool = False,
+    shard_bytes: int = HF_SHARD_BYTES,
+) -> None:
+    """Write a checkpoint folder from tensors in our layout, into a temporary folder that is
+    renamed to `dst` only once complete.
+
+    `extra_files` maps file names to a file to copy or to the bytes to write.
+    """
+    if layout not in LAYOUTS:
+        raise CheckpointError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
+    dst = Path(dst)
+    if dst.exists() and not (dst.is_dir() and not any(dst.iterdir())):
+        raise CheckpointError(f"{dst}: already exists; choose a new output path")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    bar = tqdm(total=len(sources), desc=f"writing {layout}", unit="tensor", disable=not progress)
+    try:
+        dtype = Counter(s.dtype for s in sources.values()).most_common(1)[0][0]
+        if layout == "mistral":
+            write(tmp / "consolidated.safetensors", sources, lambda _: bar.update())
+            (tmp / "params.json").write_text(json.dumps(config.to_params(), indent=2) + "\n")
+        else:
+            _write_hf(tmp, config, sources, shard_bytes, lambda _: bar.update())
+            (tmp / "config.json").write_text(json.dumps(config.to_hf(dtype), indent=2) + "\n")
+        for name, content in (extra_files or {}).items():
+            if isinstance(content, bytes):
+                (tmp / name).write_bytes(content)
+            else:
+                shutil.copyfile(content, tmp / name)
+        if dst.exists():
+            dst.rmdir()
+        tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+
+
+def _write_hf(
+    folder: Path,
+    config: ModelConfig,
+    sources: dict[str, TensorSource],
+    shard_bytes: int,
+    on_tensor: Callable[[str], None],
+) -> None:
+    hf: dict[str, TensorSource] = {}
+    for name, src in sources.items():
+        heads = layouts.rotary_heads(name, config)
+        if heads is not None:
+            src = TensorSource(
+                src.shape,
+                src.dtype,
+                partial(_to_hf_rows, src.produce, heads),
+            )
+        hf[layouts.hf_name(name)] = src
+    shards: list[dict[str, TensorSource]] = [{}]
+    size = total = 0
+    for name, src in hf.items():
+        nbytes = src.dtype.itemsize * int(torch.Size(src.shape).numel())
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = src
+        size += nbytes
+        total += nbytes
+    if len(shards) == 1:
+        write(folder / "model.safetensors", shards[0], on_tensor)
+        return
+    weight_map = {}
+    for k, shard in enumerate(shards, 1):
+        file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        write(folder / file, shard, on_tensor)
+        weight_map.update(dict.fromkeys(shard, file))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _to_hf_rows(produce: Callable[[], torch.Tensor], heads: int) -> torch.Tensor:
+    return layouts.mistral_to_hf_rows(produce(), heads)
+
+
+def save_model(
+    model: Transformer,
+    path: str | Path,
+    layout: str = "mistral",
+    progress: bool = False,
+    extra_files: dict[str, Path | bytes] | None = None,
+) -> None:
+    state = model.state_dict()
+    sources = {
+        name: TensorSource(shape, state[name].dtype, partial(state.__getitem__, name))
+        for name, shape in layouts.expected_shapes(model.config).items()
+    }
+    write_checkpoint(path, model.config, layout, sources, extra_files, progress)
+
+
+def convert_checkpoint(
+    src: str | Path,
+    dst: str | Path,
+    layout: str,
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+    shard_bytes: int = HF_SHARD_BYTES,
+) -> None:
+    """Rewrite a checkpoint in another layout (and optionally dtype), one tensor at a time."""
+    ckpt = open_checkpoint(src)
+    write_checkpoint(
+        dst, ckpt.config, layout, ckpt.sources(dtype), ckpt.companion_files(), progress, shard_bytes
+    )

@@ -1,0 +1,122 @@
+"""The `mistral-nemo` command: a thin layer over the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from mistral_nemo.config import PRESETS, ModelConfig
+from mistral_nemo.errors import MistralNemoError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    return None if name in (None, "auto") else DTYPES[name]
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from mistral_nemo.checkpoint import RANDOM_MARKER
+    from mistral_nemo.generate import generate
+    from mistral_nemo.model import Transformer
+    from mistral_nemo.tokenizer import Tokenizer
+
+    model_dir = Path(args.model)
+    if (model_dir / RANDOM_MARKER).is_file():
+        print(f"[{model_dir} holds RANDOM weights: expect noise, not language]", file=sys.stderr)
+    tokenizer = Tokenizer.from_pretrained(model_dir)
+    model = Transformer.from_pretrained(model_dir, dtype=_dtype(args.dtype), device=args.device)
+    prompt = tokenizer.encode(args.prompt, bos=True)
+    stream = tokenizer.stream_decoder()
+    start, n = time.perf_counter(), 0
+    for token in generate(
+        model,
+        prompt,
+        args.max_tokens,
+        args.temperature,
+        args.top_p,
+        args.top_k,
+        args.seed,
+        stop_ids=[tokenizer.eos_id],
+    ):
+        print(stream.push(token), end="", flush=True)
+        n += 1
+    print(stream.flush())
+    elapsed = time.perf_counter() - start
+    print(f"[{len(prompt)} prompt tokens, {n} generated in {elapsed:.2f} s]", file=sys.stderr)
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from mistral_nemo.checkpoint import convert_checkpoint
+
+    convert_checkpoint(args.src, args.dst, args.to, dtype=_dtype(args.dtype), progress=True)
+    print(f"wrote {args.dst} ({args.to} layout)", file=sys.stderr)
+
+
+def cmd_init_random(args: argparse.Namespace) -> None:
+    from mistral_nemo.checkpoint.random_init import init_random
+
+    config = ModelConfig.preset(args.preset)
+    init_random(args.out, config, args.format, args.seed, DTYPES[args.dtype], progress=True)
+    print(
+        f"wrote {args.out}: random {args.preset} weights, {args.format} layout, "
+        f"{config.num_parameters() / 1e6:.1f} M parameters",
+        file=sys.stderr,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mistral-nemo", description=__doc__)
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    p = verbs.add_parser("generate", help="continue a prompt, streaming the text")
+    p.add_argument("model", help="checkpoint folder (Mistral or Hugging Face layout)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.3)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--dtype", choices=["auto", *DTYPES], default="auto", help="weights dtype (auto: as stored)"
+    )
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.set_defaults(func=cmd_generate)
+
+    p = verbs.add_parser("convert", help="rewrite a checkpoint in another layout")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--to", choices=["hf", "mistral"], required=True)
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto")
+    p.set_defaults(func=cmd_convert)
+
+    p = verbs.add_parser("init-random", help="write a random checkpoint in a real layout")
+    p.add_argument("out")
+    p.add_argument("--preset", choices=list(PRESETS), default="tiny")
+    p.add_argument("--format", choices=["hf", "mistral"], default="mistral")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    p.set_defaults(func=cmd_init_random)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MistralNemoError as e:
+        print(f"mistral-nemo {args.verb}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

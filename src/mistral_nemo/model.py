@@ -1,0 +1,207 @@
+"""The Mistral NeMo transformer: pre-norm decoder blocks with GQA attention, RoPE and SwiGLU.
+
+Parameter names and the rotary layout (interleaved pairs) follow Mistral's own checkpoint
+format, so a `consolidated.safetensors` state dict loads as is; the Hugging Face layout is
+mapped onto it in `mistral_nemo.checkpoint`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mistral_nemo.config import ModelConfig
+from mistral_nemo.errors import InvalidRequestError
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: [layers, batch, kv_heads, max_len, head_dim].
+
+    Sized by the caller from the prompt and the tokens to generate, never from the model's
+    maximum context (128k tokens of NeMo KV is 20 GiB in bf16).
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+
+    def update(
+        self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+def rope_frequencies(
+    config: ModelConfig, start: int, length: int, device: torch.device
+) -> torch.Tensor:
+    """Complex rotations e^(i·pos·θ_j) for positions start..start+length, shape [length, hd/2]."""
+    half = config.head_dim // 2
+    inv_freq = 1.0 / config.rope_theta ** (
+        torch.arange(0, half, device=device, dtype=torch.float32) * 2 / config.head_dim
+    )
+    pos = torch.arange(start, start + length, device=device, dtype=torch.float32)
+    angles = torch.outer(pos, inv_freq)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate [batch, seq, heads, head_dim] by `freqs`, pairing dims (0,1), (2,3), ... in fp32."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * freqs[:, None, :]).flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            config.n_heads,
+            config.n_kv_heads,
+            config.head_dim,
+        )
+        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, freqs: torch.Tensor, start: int, cache: KVCache | None, layer: int
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = apply_rope(self.wq(x).view(b, t, self.n_heads, self.head_dim), freqs)
+        k = apply_rope(self.wk(x).view(b, t, self.n_kv_heads, self.head_dim), freqs)
+        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(layer, start, k, v)
+        mask = None
+        if t > 1 and start > 0:
+            # A chunk after cached tokens: each query sees the cache and the chunk causally.
+            q_pos = torch.arange(start, start + t, device=x.device)
+            mask = q_pos[:, None] >= torch.arange(start + t, device=x.device)[None, :]
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=t > 1 and start == 0, enable_gqa=True
+        )
+        return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=False)
+        self.w3 = nn.Linear(config.dim, config.hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in fp32 (bf16 sums of squares lose too much), scale in the model dtype.
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
+        return normed * self.weight
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(
+        self, x: torch.Tensor, freqs: torch.Tensor, start: int, cache: KVCache | None, layer: int
+    ) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), freqs, start, cache, layer)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.output.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.output.weight.device
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        if max_len > self.config.max_seq_len:
+            raise InvalidRequestError(
+                f"{max_len} tokens exceed the model's context of {self.config.max_seq_len}"
+            )
+        return KVCache(self.config, batch_size, max_len, self.dtype, self.device)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        start: int = 0,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits for `tokens` [batch, seq] placed at positions start..start+seq.
+
+        With a cache, keys and values of these positions are stored and earlier ones read.
+        `last_only` computes the LM head for the final position alone (prefill).
+        """
+        x = self.tok_embeddings(tokens)
+        freqs = rope_frequencies(self.config, start, tokens.shape[1], x.device)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, freqs, start, cache, i)
+        if last_only:
+            x = x[:, -1:]
+        return self.output(self.norm(x))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str = "cpu",
+        progress: bool = False,
+    ) -> Transformer:
+        """Load a checkpoint folder in the Mistral or Hugging Face layout (memory-mapped)."""
+        from mistral_nemo.checkpoint import load_model
+
+        return load_model(path, dtype=dtype, device=device, progress=progress)
+
+    def save_pretrained(
+        self, path: str | Path, layout: str = "mistral", progress: bool = False
+    ) -> None:
+        """Write a checkpoint folder in `layout` ("mistral" or "hf"), atomically."""
+        from mistral_nemo.checkpoint import save_model
+
+        save_model(self, path, layout=layout, progress=progress)

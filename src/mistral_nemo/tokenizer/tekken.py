@@ -1,0 +1,195 @@
+"""Tekken, NeMo's tokenizer: tiktoken byte-level BPE below a block of control tokens.
+
+`tekken.json` holds the BPE vocabulary (ranks and token bytes) and the pre-tokenizer
+pattern. Ids 0..num_special-1 are control tokens ([INST], [TOOL_CALLS], ...); BPE rank r has
+id r + num_special. Control tokens are never produced from text: they are only placed by the
+instruct encoder, so a user typing "[INST]" gets ordinary text tokens.
+"""
+
+from __future__ import annotations
+
+import base64
+import codecs
+import enum
+import json
+from collections.abc import Iterable, Sequence
+from itertools import groupby
+from pathlib import Path
+
+import tiktoken
+
+from mistral_nemo.errors import CheckpointError, InvalidRequestError
+
+# Control tokens of Tekken files that predate a "special_tokens" list (NeMo's
+# tekken_240718.json); the rest up to num_special are fillers named <SPECIAL_n>.
+# This is mistral-common 1.13.1's list for such files.
+LEGACY_CONTROL_TOKENS = (
+    "<unk>",
+    "<s>",
+    "</s>",
+    "[INST]",
+    "[/INST]",
+    "[AVAILABLE_TOOLS]",
+    "[/AVAILABLE_TOOLS]",
+    "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]",
+    "[TOOL_CALLS]",
+    "[IMG]",
+    "<pad>",
+    "[IMG_BREAK]",
+    "[IMG_END]",
+    "[PREFIX]",
+    "[MIDDLE]",
+    "[SUFFIX]",
+    "[SYSTEM_PROMPT]",
+    "[/SYSTEM_PROMPT]",
+    "[TOOL_CONTENT]",
+)
+
+
+class SpecialTokenPolicy(enum.Enum):
+    """What `decode` does with control tokens."""
+
+    IGNORE = "ignore"  # leave them out of the text
+    KEEP = "keep"  # write their names, e.g. "[INST]"
+    RAISE = "raise"  # raise InvalidRequestError
+
+
+class Tokenizer:
+    def __init__(
+        self,
+        ranks: dict[bytes, int],
+        pattern: str,
+        control_tokens: Sequence[str],
+        name: str = "tekken",
+    ) -> None:
+        self.num_special = len(control_tokens)
+        self.control_tokens = list(control_tokens)
+        self.special_ids = {tok: i for i, tok in enumerate(control_tokens)}
+        self._bpe = tiktoken.Encoding(
+            name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens={}
+        )
+        self.n_words = self.num_special + self._bpe.n_vocab
+        self.bos_id = self.special_ids["<s>"]
+        self.eos_id = self.special_ids["</s>"]
+        self.pad_id = self.special_ids.get("<pad>", -1)
+        self.unk_id = self.special_ids.get("<unk>", -1)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Tokenizer:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            config = data["config"]
+            num_special = int(config["default_num_special_tokens"])
+            n_bpe = int(config["default_vocab_size"]) - num_special
+            vocab = data["vocab"][:n_bpe]
+            ranks = {base64.b64decode(t["token_bytes"]): t["rank"] for t in vocab}
+            pattern = config["pattern"]
+            listed = [t["token_str"] for t in data.get("special_tokens") or []]
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: no such tokenizer file") from None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(
+                f"{path}: not a valid tekken.json ({type(e).__name__}: {e})"
+            ) from None
+        if len(ranks) != n_bpe or sorted(ranks.values()) != list(range(n_bpe)):
+            raise CheckpointError(f"{path}: vocabulary ranks are not 0..{n_bpe - 1}")
+        named = listed or list(LEGACY_CONTROL_TOKENS)
+        controls = named + [f"<SPECIAL_{i}>" for i in range(len(named), num_special)]
+        return cls(ranks, pattern, controls)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path) -> Tokenizer:
+        path = Path(model_dir) / "tekken.json"
+        if not path.is_file():
+            raise CheckpointError(f"{model_dir}: no tekken.json (the NeMo tokenizer) found")
+        return cls.from_file(path)
+
+    # -- text <-> ids ----------------------------------------------------------------------
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = [self.num_special + i for i in self._bpe.encode_ordinary(text)]
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def encode_batch(
+        self, texts: Sequence[str], bos: bool = False, eos: bool = False, num_threads: int = 8
+    ) -> list[list[int]]:
+        """Encode many texts on tiktoken's thread pool."""
+        batch = self._bpe.encode_ordinary_batch(list(texts), num_threads=num_threads)
+        n = self.num_special
+        return [[self.bos_id] * bos + [n + i for i in ids] + [self.eos_id] * eos for ids in batch]
+
+    def decode(
+        self, ids: Iterable[int], special: SpecialTokenPolicy = SpecialTokenPolicy.IGNORE
+    ) -> str:
+        """Text of `ids`. Bytes that do not form valid UTF-8 (a multi-byte character cut
+        between tokens) become U+FFFD, per run of ordinary tokens, as mistral-common does."""
+        parts: list[str] = []
+        for is_control, run in groupby(ids, lambda i: i < self.num_special):
+            if is_control:
+                parts.extend(self.control_text(i, special) for i in run)
+            else:
+                parts.append(self._bpe.decode([self._bpe_id(i) for i in run]))
+        return "".join(parts)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes of an ordinary token (control tokens have none)."""
+        if token_id < self.num_special:
+            return b""
+        return self._bpe.decode_single_token_bytes(self._bpe_id(token_id))
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self.decode([token_id], SpecialTokenPolicy.KEEP)
+
+    def control_id(self, name: str) -> int:
+        try:
+            return self.special_ids[name]
+        except KeyError:
+            raise KeyError(f"{name!r} is not a control token of this tokenizer") from None
+
+    def is_control(self, token_id: int) -> bool:
+        return 0 <= token_id < self.num_special
+
+    def stream_decoder(
+        self, special: SpecialTokenPolicy = SpecialTokenPolicy.IGNORE
+    ) -> StreamDecoder:
+        return StreamDecoder(self, special)
+
+    def _bpe_id(self, token_id: int) -> int:
+        if not self.num_special <= token_id < self.n_words:
+            raise InvalidRequestError(
+                f"token id {token_id} is outside the vocabulary (0..{self.n_words - 1})"
+            )
+        return token_id - self.num_special
+
+    def control_text(self, token_id: int, special: SpecialTokenPolicy) -> str:
+        """How a control token reads under `special`."""
+        if token_id < 0:
+            raise InvalidRequestError(f"token id {token_id} is negative")
+        if special is SpecialTokenPolicy.RAISE:
+            raise InvalidRequestError(
+                f"cannot decode control token {token_id} "
+                f"({self.control_tokens[token_id]}) under policy RAISE"
+            )
+        return self.control_tokens[token_id] if special is SpecialTokenPolicy.KEEP else ""
+
+
+class StreamDecoder:
+    """Turns ids into text as they arrive, holding back a UTF-8 character cut between
+    tokens until its last byte comes."""
+
+    def __init__(self, tokenizer: Tokenizer, special: SpecialTokenPolicy) -> None:
+        self._tok = tokenizer
+        self._special = special
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        if self._tok.is_control(token_id):
+            return self._utf8.decode(b"", final=True) + self._tok.control_text(
+                token_id, self._special
+            )
+        return self._utf8.decode(self._tok.token_bytes(token_id))
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)

@@ -1,0 +1,52 @@
+"""Small random checkpoints in the real file layouts, with the real NeMo tokenizer file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mistral_nemo import ModelConfig
+from mistral_nemo.checkpoint.random_init import init_random
+
+torch.set_num_threads(2)
+
+# Like NeMo: GQA and head_dim != dim / n_heads (here 32 vs 16).
+TINY = ModelConfig.preset("tiny")
+# Plain multi-head attention with head_dim == dim / n_heads, another RoPE base, 3 layers.
+MHA = ModelConfig(
+    dim=96,
+    n_layers=3,
+    n_heads=4,
+    n_kv_heads=4,
+    head_dim=24,
+    hidden_dim=160,
+    vocab_size=131072,
+    rope_theta=10_000.0,
+    norm_eps=1e-6,
+)
+CONFIGS = {"tiny": TINY, "mha": MHA}
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
+    """fp32 random checkpoints keyed by (config name, layout)."""
+    root = tmp_path_factory.mktemp("ckpt")
+    out = {}
+    for name, config in CONFIGS.items():
+        for layout in ("hf", "mistral"):
+            path = root / f"{name}-{layout}"
+            init_random(path, config, layout, seed=7, dtype=torch.float32)
+            out[name, layout] = path
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(checkpoints: dict[tuple[str, str], Path]) -> Path:
+    return checkpoints["tiny", "hf"]
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral(checkpoints: dict[tuple[str, str], Path]) -> Path:
+    return checkpoints["tiny", "mistral"]
