@@ -73,3 +73,30 @@ def test_prompt_longer_than_context(model):
         list(generate(model, [], max_tokens=4))
     with pytest.raises(InvalidRequestError, match="token ids"):
         list(generate(model, [131072], max_tokens=4))
+
+
+def test_sampling_follows_the_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 0.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.cat([sample(logits, 1.0, generator=g) for _ in range(20000)])
+    freq = torch.bincount(draws, minlength=5).float() / len(draws)
+    assert (freq - logits.softmax(-1)[0]).abs().max() < 0.015
+    # temperature sharpens: logits / 0.5
+    draws = torch.cat([sample(logits, 0.5, generator=g) for _ in range(20000)])
+    freq = torch.bincount(draws, minlength=5).float() / len(draws)
+    assert (freq - (logits / 0.5).softmax(-1)[0]).abs().max() < 0.015
+
+
+def test_top_p_over_a_flat_vocabulary_ranks_everything():
+    # 131072 near-equal logits: the 1024 best hold < top_p, so the full ranking is used.
+    logits = torch.linspace(0, 1e-3, 131072)[None]
+    g = torch.Generator().manual_seed(0)
+    draws = torch.cat([sample(logits, 1.0, top_p=0.5, generator=g) for _ in range(300)])
+    assert (draws >= 131072 // 2 - 200).all()  # only the upper (more likely) half
+    assert len(set(draws.tolist())) > 250
+
+
+def test_batched_sampling_is_per_row():
+    logits = torch.tensor([[0.0, 50.0, 0.0], [50.0, 0.0, 0.0]])
+    assert sample(logits, 1.0, top_k=2).tolist() == [1, 0]
+    assert sample(logits, 1.0, top_p=0.9).tolist() == [1, 0]

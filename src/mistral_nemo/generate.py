@@ -14,6 +14,33 @@ from mistral_nemo.model import Transformer
 DEFAULT_TEMPERATURE = 0.3
 
 
+# top-p looks among this many best tokens first and ranks the whole vocabulary only when
+# they hold less than top_p of the mass (sorting 131k logits costs ~10 ms on a CPU).
+_TOP_P_CANDIDATES = 1024
+
+
+def _nucleus(logits: torch.Tensor, k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and ids of the best tokens, best first, with -inf past the smallest set that
+    holds top_p of the probability of the top-k distribution."""
+    vocab = logits.shape[-1]
+    values, ids = torch.topk(logits, min(k, _TOP_P_CANDIDATES) if k == vocab else k, dim=-1)
+    log_z = torch.logsumexp(logits if k == vocab else values, dim=-1, keepdim=True)
+    probs = (values - log_z).exp()
+    if values.shape[-1] < k and bool((probs.sum(-1) < top_p).any()):
+        values, ids = torch.sort(logits, dim=-1, descending=True)
+        probs = (values - log_z).exp()
+    keep = probs.cumsum(dim=-1) - probs <= top_p  # the best token is always kept
+    return values.masked_fill(~keep, float("-inf")), ids
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Greedy ids [batch] from logits [batch, vocab]. On CPU numpy's vectorized argmax is
+    ~10x faster than torch's over a 131k vocabulary (same first-maximum tie rule)."""
+    if logits.device.type == "cpu":
+        return torch.from_numpy(logits.float().numpy().argmax(-1))
+    return logits.argmax(dim=-1)
+
+
 def sample(
     logits: torch.Tensor,
     temperature: float = DEFAULT_TEMPERATURE,
@@ -21,21 +48,26 @@ def sample(
     top_k: int = 0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Next token ids [batch] from logits [batch, vocab]; temperature 0 is greedy."""
+    """Next token ids [batch] from logits [batch, vocab]; temperature 0 is greedy.
+
+    Draws by inverting the cumulative distribution with one uniform number per row, over the
+    top-k / top-p candidates only (torch.multinomial takes ~3 ms for 131k tokens on a CPU).
+    """
     if temperature <= 0:
-        return logits.argmax(dim=-1)
+        return argmax(logits)
     logits = logits.float() / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    vocab = logits.shape[-1]
+    k = top_k if 0 < top_k < vocab else vocab
+    ids: torch.Tensor | None = None
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the tokens ranked above it already hold top_p of the mass.
-        drop = probs.cumsum(dim=-1) - probs > top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        logits, ids = _nucleus(logits, k, top_p)
+    elif k < vocab:
+        logits, ids = torch.topk(logits, k, dim=-1)
     probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf = probs.cumsum(dim=-1)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    choice = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)
+    return choice if ids is None else ids.gather(-1, choice[:, None]).squeeze(-1)
 
 
 def check_sampling(temperature: float, top_p: float, top_k: int, max_tokens: int) -> None:

@@ -36,6 +36,7 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
+        self.freqs = rope_frequencies(config, 0, max_len, torch.device(device))
 
     def update(
         self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
@@ -178,7 +179,11 @@ class Transformer(nn.Module):
         `last_only` computes the LM head for the final position alone (prefill).
         """
         x = self.tok_embeddings(tokens)
-        freqs = rope_frequencies(self.config, start, tokens.shape[1], x.device)
+        end = start + tokens.shape[1]
+        if cache is not None:
+            freqs = cache.freqs[start:end]
+        else:
+            freqs = rope_frequencies(self.config, start, tokens.shape[1], x.device)
         for i, layer in enumerate(self.layers):
             x = layer(x, freqs, start, cache, i)
         if last_only:
