@@ -15,6 +15,7 @@ import json
 from collections.abc import Iterable, Sequence
 from itertools import groupby
 from pathlib import Path
+from typing import Any
 
 import tiktoken
 
@@ -132,6 +133,18 @@ class Tokenizer:
             else:
                 parts.append(self._bpe.decode([self._bpe_id(i) for i in run]))
         return "".join(parts)
+
+    def encode_chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict[str, Any]] | None = None,
+        continue_final_message: bool = False,
+    ) -> list[int]:
+        """Ids of an OpenAI-style chat request in the NeMo instruct format (validated first;
+        a broken rule raises InvalidRequestError naming the message and the rule)."""
+        from mistral_nemo.tokenizer.instruct import encode_chat
+
+        return encode_chat(self, messages, tools, continue_final_message)
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes of an ordinary token (control tokens have none)."""
