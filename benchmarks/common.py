@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))  # for tests.data: the multilingual sample is shared with tests
 
 
 def best_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
