@@ -3,6 +3,7 @@
 import pytest
 
 from mistral_nemo.cli import main
+from mistral_nemo.tokenizer import Tokenizer
 
 
 def test_init_random_convert_generate(tmp_path, capsys):
@@ -69,3 +70,28 @@ def test_bad_flags_exit_nonzero(argv, capsys):
         main(argv)
     assert e.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_generate_chat_mode(tmp_path, capsys):
+    main(["init-random", str(tmp_path / "m")])
+    capsys.readouterr()
+    code = main(
+        [
+            "generate",
+            str(tmp_path / "m"),
+            "--chat",
+            "--system",
+            "Be brief.",
+            "--prompt",
+            "Hi",
+            "--max-tokens",
+            "4",
+            "--temperature",
+            "0",
+        ]
+    )
+    err = capsys.readouterr().err
+    expected = Tokenizer.from_pretrained(tmp_path / "m").encode_chat(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    )
+    assert code == 0 and f"[{len(expected)} prompt tokens, 4 generated" in err

@@ -31,7 +31,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(f"[{model_dir} holds RANDOM weights: expect noise, not language]", file=sys.stderr)
     tokenizer = Tokenizer.from_pretrained(model_dir)
     model = Transformer.from_pretrained(model_dir, dtype=_dtype(args.dtype), device=args.device)
-    prompt = tokenizer.encode(args.prompt, bos=True)
+    if args.chat:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        prompt = tokenizer.encode_chat([*messages, {"role": "user", "content": args.prompt}])
+    else:
+        prompt = tokenizer.encode(args.prompt, bos=True)
     stream = tokenizer.stream_decoder()
     start, n = time.perf_counter(), 0
     for token in generate(
@@ -77,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("generate", help="continue a prompt, streaming the text")
     p.add_argument("model", help="checkpoint folder (Mistral or Hugging Face layout)")
     p.add_argument("--prompt", required=True)
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="send the prompt as a user message in the instruct format",
+    )
+    p.add_argument("--system", default=None, help="system prompt (with --chat)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.3)
     p.add_argument("--top-p", type=float, default=1.0)

@@ -1,0 +1,118 @@
+"""CPU matrix-vector kernels for batch-1 decoding, compiled on first use.
+
+`linear(x, weight)` is `F.linear` except when one token's activations meet a large bf16 or
+fp32 weight on the CPU outside autograd: then gemv.c streams the weight at memory speed
+(torch's bf16 path reaches about two thirds of it). The C file is built with the system C
+compiler and -march=native into a per-user cache; without a compiler, without AVX-512, or
+with MISTRAL_NEMO_CPU_KERNELS=0, everything goes through torch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+_SOURCE = Path(__file__).with_name("gemv.c")
+_KINDS = {torch.bfloat16: 0, torch.float32: 1}
+# Below this many weight elements, thread start-up costs more than torch's GEMV loses;
+# below this row length, per-row reductions do (a tiny model's 64-wide LM head).
+MIN_ELEMENTS = 1 << 20
+MIN_COLUMNS = 512
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mistral-nemo"
+
+
+@cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("MISTRAL_NEMO_CPU_KERNELS", "1") == "0":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    source = _SOURCE.read_bytes()
+    flags = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
+    key = hashlib.sha256(source + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"gemv-{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            built = Path(tmp) / target.name
+            result = subprocess.run(
+                [compiler, *flags, str(_SOURCE), "-o", str(built)], capture_output=True, text=True
+            )
+            if result.returncode != 0:
+                print(
+                    f"mistral-nemo: CPU kernels unavailable, using torch "
+                    f"({result.stderr.strip().splitlines()[-1:]})",
+                    file=sys.stderr,
+                )
+                return None
+            os.replace(built, target)  # atomic: concurrent first uses do not collide
+    lib = ctypes.CDLL(str(target))
+    lib.gemv.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_long,
+        ctypes.c_long,
+        ctypes.c_int,
+        ctypes.c_int,
+    ]
+    lib.gemv.restype = None
+    lib.gemv_vectorized.argtypes = [ctypes.c_int]
+    return lib
+
+
+@cache
+def available(dtype: torch.dtype) -> bool:
+    """Whether the vectorized kernel serves weights of `dtype` on this machine."""
+    lib = _library()
+    return lib is not None and dtype in _KINDS and bool(lib.gemv_vectorized(_KINDS[dtype]))
+
+
+def gemv(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """weight [rows, cols] @ x [cols] in fp32, both contiguous CPU tensors of one dtype."""
+    lib = _library()
+    assert lib is not None
+    rows, cols = weight.shape
+    out = torch.empty(rows, dtype=torch.float32)
+    lib.gemv(
+        weight.data_ptr(),
+        x.data_ptr(),
+        out.data_ptr(),
+        rows,
+        cols,
+        _KINDS[weight.dtype],
+        torch.get_num_threads(),
+    )
+    return out
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight) without bias, through the GEMV kernel where it pays."""
+    if (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype
+        and x.numel() == weight.shape[-1]
+        and weight.numel() >= MIN_ELEMENTS
+        and weight.shape[-1] >= MIN_COLUMNS
+        and weight.is_contiguous()
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and available(weight.dtype)
+    ):
+        out = gemv(weight, x.contiguous().view(-1))
+        return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight)

@@ -1,0 +1,111 @@
+/* Matrix-vector products for batch-1 decoding on the CPU: out[r] = dot(w[r, :], x).
+ *
+ * Decoding one token reads every weight once, so its speed is set by memory bandwidth.
+ * torch's bf16 GEMV reaches about 2/3 of it on AVX-512 machines; this streams each weight
+ * row once with independent accumulators and keeps up with the memory. Rows are split
+ * evenly over `threads` POSIX threads. Built at first use with -march=native.
+ */
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+typedef struct {
+    const void *w, *x;
+    float *out;
+    long r0, r1, cols;
+    int kind; /* 0: bf16, 1: fp32 */
+} job_t;
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static float dot_bf16(const uint16_t *w, const uint16_t *x, long n) {
+    long c = 0;
+    float tail = 0.f;
+#if defined(__AVX512BF16__)
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; c + 128 <= n; c += 128) {
+        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + c), (__m512bh)_mm512_loadu_si512(x + c));
+        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w + c + 32), (__m512bh)_mm512_loadu_si512(x + c + 32));
+        a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(w + c + 64), (__m512bh)_mm512_loadu_si512(x + c + 64));
+        a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(w + c + 96), (__m512bh)_mm512_loadu_si512(x + c + 96));
+    }
+    for (; c < n; c += 32) { /* the last 1..127 columns, the final block masked */
+        __mmask32 m = n - c >= 32 ? 0xFFFFFFFFu : (1u << (n - c)) - 1;
+        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_maskz_loadu_epi16(m, w + c),
+                              (__m512bh)_mm512_maskz_loadu_epi16(m, x + c));
+    }
+    tail = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#endif
+    for (; c < n; c++) tail += bf16_to_f32(w[c]) * bf16_to_f32(x[c]);
+    return tail;
+}
+
+static float dot_f32(const float *w, const float *x, long n) {
+    long c = 0;
+    float tail = 0.f;
+#if defined(__AVX512F__)
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; c + 64 <= n; c += 64) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + c), _mm512_loadu_ps(x + c), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + c + 16), _mm512_loadu_ps(x + c + 16), a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + c + 32), _mm512_loadu_ps(x + c + 32), a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + c + 48), _mm512_loadu_ps(x + c + 48), a3);
+    }
+    for (; c < n; c += 16) { /* the last 1..63 columns, the final block masked */
+        __mmask16 m = n - c >= 16 ? 0xFFFF : (1u << (n - c)) - 1;
+        a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + c), _mm512_maskz_loadu_ps(m, x + c), a0);
+    }
+    tail = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#endif
+    for (; c < n; c++) tail += w[c] * x[c];
+    return tail;
+}
+
+static void *run(void *arg) {
+    const job_t *j = arg;
+    for (long r = j->r0; r < j->r1; r++) {
+        j->out[r] = j->kind == 0
+            ? dot_bf16((const uint16_t *)j->w + r * j->cols, j->x, j->cols)
+            : dot_f32((const float *)j->w + r * j->cols, j->x, j->cols);
+    }
+    return NULL;
+}
+
+/* 1 if this build has the vector path for `kind`, else 0 (the scalar loop is too slow). */
+int gemv_vectorized(int kind) {
+#if defined(__AVX512BF16__)
+    if (kind == 0) return 1;
+#endif
+#if defined(__AVX512F__)
+    if (kind == 1) return 1;
+#endif
+    return 0;
+}
+
+void gemv(const void *w, const void *x, float *out, long rows, long cols, int kind, int threads) {
+    enum { MAX_THREADS = 64 };
+    pthread_t tid[MAX_THREADS];
+    job_t jobs[MAX_THREADS];
+    char joinable[MAX_THREADS] = {0};
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    long per = (rows + threads - 1) / threads;
+    int n = 0;
+    for (long r0 = 0; r0 < rows; r0 += per, n++)
+        jobs[n] = (job_t){w, x, out, r0, r0 + per < rows ? r0 + per : rows, cols, kind};
+    for (int t = 1; t < n; t++) /* job 0 runs on the calling thread */
+        joinable[t] = pthread_create(&tid[t], NULL, run, &jobs[t]) == 0;
+    run(&jobs[0]);
+    for (int t = 1; t < n; t++) {
+        if (joinable[t]) pthread_join(tid[t], NULL);
+        else run(&jobs[t]); /* no thread to be had: do its share here */
+    }
+}

@@ -1,0 +1,54 @@
+"""The CPU GEMV kernel against torch, including row lengths that leave partial vectors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mistral_nemo import kernels
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    "rows, cols", [(1, 1), (3, 31), (7, 33), (64, 128), (100, 515), (257, 5120), (33, 14336)]
+)
+def test_gemv_matches_torch(dtype, rows, cols):
+    if not kernels.available(dtype):
+        pytest.skip("no vectorized kernel on this machine")
+    g = torch.Generator().manual_seed(rows * cols)
+    w = torch.randn(rows, cols, generator=g).to(dtype)
+    x = torch.randn(cols, generator=g).to(dtype)
+    expected = F.linear(x.double(), w.double())
+    got = kernels.gemv(w, x)
+    scale = (w.double().abs() @ x.double().abs()).max()
+    assert (got.double() - expected).abs().max() <= 1e-5 * scale
+
+
+def test_linear_dispatch_keeps_shape_dtype_and_values():
+    w = torch.randn(2048, 1024).bfloat16()
+    x = torch.randn(1, 1, 1024).bfloat16()
+    with torch.inference_mode():
+        out = kernels.linear(x, w)
+    ref = F.linear(x.float(), w.float())
+    assert out.shape == (1, 1, 2048) and out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), ref, rtol=1e-2, atol=1e-2)
+    # Several rows, or autograd, go through torch.
+    x3 = torch.randn(3, 1024).bfloat16()
+    assert torch.equal(kernels.linear(x3, w), F.linear(x3, w))
+    wg = torch.randn(2048, 1024, requires_grad=True)
+    xg = torch.randn(1, 1024)
+    kernels.linear(xg, wg).sum().backward()
+    assert wg.grad is not None
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("MISTRAL_NEMO_CPU_KERNELS", "0")
+    kernels._library.cache_clear()
+    kernels.available.cache_clear()
+    try:
+        assert not kernels.available(torch.bfloat16)
+        w, x = torch.randn(2048, 1024), torch.randn(1, 1024)
+        assert torch.equal(kernels.linear(x, w), F.linear(x, w))
+    finally:
+        monkeypatch.undo()
+        kernels._library.cache_clear()
+        kernels.available.cache_clear()
