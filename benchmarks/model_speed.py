@@ -78,8 +78,7 @@ def main() -> None:
     parser.add_argument("--decode", type=int, default=128)
     args = parser.parse_args()
     torch.manual_seed(0)
-    bandwidth = read_bandwidth_gbs()
-    print(f"memory read bandwidth: {bandwidth:.1f} GB/s, {torch.get_num_threads()} threads")
+    print(f"{torch.get_num_threads()} threads")
     rows = []
     for cname in args.configs.split(","):
         config = CONFIGS[cname]
@@ -118,10 +117,7 @@ def main() -> None:
             print(table(rows[-1:], list(rows[-1])), flush=True)
     print()
     print(table(rows, list(rows[0])))
-    path = save(
-        "model_speed",
-        {"bandwidth_GB_s": bandwidth, "prompt": args.prompt, "decode": args.decode, "rows": rows},
-    )
+    path = save("model_speed", {"prompt": args.prompt, "decode": args.decode, "rows": rows})
     print(f"wrote {path}")
 
 

@@ -8,6 +8,7 @@ mapped onto it in `mistral_nemo.checkpoint`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -39,13 +40,45 @@ class KVCache:
         self.max_len = max_len
         self.freqs = rope_frequencies(config, 0, max_len, torch.device(device))
 
-    def update(
-        self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(self, start: int, length: int) -> torch.Tensor:
+        return self.freqs[start : start + length]
+
+    def attend(
+        self, layer: int, start: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
         end = start + k.shape[2]
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        return causal_attention(q, self.k[layer, :, :, :end], self.v[layer, :, :, :end], start)
+
+
+class AttentionCache(Protocol):
+    """Where attention keeps keys and values: the contiguous KVCache above, or the engine's
+    paged cache. Queries are [batch, heads, seq, head_dim]; keys and values of the new
+    tokens are [batch, kv_heads, seq, head_dim]."""
+
+    def rope(self, start: int, length: int) -> torch.Tensor:
+        """Rotations for the new tokens: [seq, head_dim / 2] or [batch, seq, head_dim / 2]."""
+        ...
+
+    def attend(
+        self, layer: int, start: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """Store k and v, then attend from q to everything the sequence has so far."""
+        ...
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    """Queries at positions start.. attending to keys 0..start+seq, causally."""
+    t = q.shape[2]
+    mask = None
+    if t > 1 and start > 0:
+        # A chunk after cached tokens: each query sees the cache and the chunk causally.
+        q_pos = torch.arange(start, start + t, device=q.device)
+        mask = q_pos[:, None] >= torch.arange(start + t, device=q.device)[None, :]
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=t > 1 and start == 0, enable_gqa=True
+    )
 
 
 def rope_frequencies(
@@ -62,9 +95,10 @@ def rope_frequencies(
 
 
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate [batch, seq, heads, head_dim] by `freqs`, pairing dims (0,1), (2,3), ... in fp32."""
+    """Rotate [batch, seq, heads, head_dim] by `freqs` ([seq or batch, seq, head_dim / 2]),
+    pairing dims (0,1), (2,3), ... in fp32."""
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(xc * freqs[:, None, :]).flatten(-2).type_as(x)
+    return torch.view_as_real(xc * freqs.unsqueeze(-2)).flatten(-2).type_as(x)
 
 
 class Linear(nn.Linear):
@@ -91,23 +125,22 @@ class Attention(nn.Module):
         self.wo = Linear(config.n_heads * config.head_dim, config.dim)
 
     def forward(
-        self, x: torch.Tensor, freqs: torch.Tensor, start: int, cache: KVCache | None, layer: int
+        self,
+        x: torch.Tensor,
+        freqs: torch.Tensor,
+        start: int,
+        cache: AttentionCache | None,
+        layer: int,
     ) -> torch.Tensor:
         b, t, _ = x.shape
         q = apply_rope(self.wq(x).view(b, t, self.n_heads, self.head_dim), freqs)
         k = apply_rope(self.wk(x).view(b, t, self.n_kv_heads, self.head_dim), freqs)
         v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if cache is not None:
-            k, v = cache.update(layer, start, k, v)
-        mask = None
-        if t > 1 and start > 0:
-            # A chunk after cached tokens: each query sees the cache and the chunk causally.
-            q_pos = torch.arange(start, start + t, device=x.device)
-            mask = q_pos[:, None] >= torch.arange(start + t, device=x.device)[None, :]
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=t > 1 and start == 0, enable_gqa=True
-        )
+        if cache is None:
+            out = causal_attention(q, k, v, start)
+        else:
+            out = cache.attend(layer, start, q, k, v)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -145,7 +178,12 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(config)
 
     def forward(
-        self, x: torch.Tensor, freqs: torch.Tensor, start: int, cache: KVCache | None, layer: int
+        self,
+        x: torch.Tensor,
+        freqs: torch.Tensor,
+        start: int,
+        cache: AttentionCache | None,
+        layer: int,
     ) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), freqs, start, cache, layer)
         return x + self.feed_forward(self.ffn_norm(x))
@@ -181,7 +219,7 @@ class Transformer(nn.Module):
         self,
         tokens: torch.Tensor,
         start: int = 0,
-        cache: KVCache | None = None,
+        cache: AttentionCache | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
         """Logits for `tokens` [batch, seq] placed at positions start..start+seq.
@@ -190,9 +228,8 @@ class Transformer(nn.Module):
         `last_only` computes the LM head for the final position alone (prefill).
         """
         x = self.tok_embeddings(tokens)
-        end = start + tokens.shape[1]
         if cache is not None:
-            freqs = cache.freqs[start:end]
+            freqs = cache.rope(start, tokens.shape[1])
         else:
             freqs = rope_frequencies(self.config, start, tokens.shape[1], x.device)
         for i, layer in enumerate(self.layers):

@@ -1,0 +1,326 @@
+"""The continuous-batching engine: requests in, one scheduling step at a time, outputs out.
+
+Each step feeds the model every running sequence's pending tokens: one token for a
+sequence that is decoding (all of them in one batched forward pass), a chunk of its prompt
+for one that is still prefilling (within a per-step token budget, so long prompts are
+interleaved with decoding instead of stalling it). Finished sequences leave and waiting
+ones join between steps. When the block pool runs dry, the newest running sequence is
+preempted: its blocks are freed and it is recomputed later from its tokens.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from mistral_nemo.engine.blocks import BlockPool, block_hash
+from mistral_nemo.engine.paged import PagedKVCache
+from mistral_nemo.engine.params import CompletionOutput, RequestOutput, SamplingParams, TokenLogprob
+from mistral_nemo.engine.sampler import sample_batch
+from mistral_nemo.errors import InvalidRequestError
+from mistral_nemo.model import Transformer
+from mistral_nemo.tokenizer.tekken import StreamDecoder, Tokenizer
+
+
+@dataclass
+class Sequence:
+    """One completion of a request: its tokens, blocks and text."""
+
+    request: Request
+    index: int
+    order: int  # arrival order; preemption picks the newest
+    generator: torch.Generator | None
+    decoder: StreamDecoder | None
+    output: list[int] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)
+    hashes: list[int] = field(default_factory=list)  # of the full blocks, in order
+    computed: int = 0  # tokens whose keys and values are in the cache
+    text: str = ""
+    sent: int = 0  # characters of text already reported
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.request.prompt + self.output
+
+    @property
+    def pending(self) -> int:
+        return len(self.request.prompt) + len(self.output) - self.computed
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    sequences: list[Sequence] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.sequences)
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer | None,
+        num_blocks: int,
+        block_size: int = 16,
+        max_model_len: int | None = None,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        enable_prefix_caching: bool = True,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_model_len = min(
+            max_model_len or model.config.max_seq_len, model.config.max_seq_len
+        )
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.chunk = max_num_batched_tokens
+        self.pool = BlockPool(num_blocks, enable_prefix_caching)
+        self.cache = PagedKVCache(
+            model.config, num_blocks, block_size, self.max_model_len, model.dtype, model.device
+        )
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._ids = itertools.count()
+        self.preemptions = 0
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def add_request(
+        self, prompt: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> str:
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty")
+        vocab = self.model.config.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise InvalidRequestError(f"prompt token ids must be in 0..{vocab - 1}")
+        total = len(prompt) + params.max_tokens
+        if total > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt of {len(prompt)} tokens plus max_tokens {params.max_tokens} exceeds "
+                f"the context of {self.max_model_len} tokens"
+            )
+        if -(-total // self.block_size) > self.pool.num_blocks:
+            raise InvalidRequestError(
+                f"prompt of {len(prompt)} tokens plus max_tokens {params.max_tokens} does not "
+                f"fit the KV cache ({self.pool.num_blocks * self.block_size} tokens)"
+            )
+        request = Request(request_id, list(prompt), params)
+        for i in range(params.n):
+            generator = None
+            if params.seed is not None:
+                generator = torch.Generator(self.model.device).manual_seed(params.seed + i)
+            decoder = self.tokenizer.stream_decoder() if self.tokenizer else None
+            seq = Sequence(request, i, next(self._ids), generator, decoder)
+            request.sequences.append(seq)
+            self.waiting.append(seq)
+        self.requests[request_id] = request
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request now, freeing its blocks (a client went away)."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.sequences:
+            if seq in self.running:
+                self.running.remove(seq)
+            if seq in self.waiting:
+                self.waiting.remove(seq)
+            self._free(seq)
+            seq.finish_reason = seq.finish_reason or "abort"
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # -- one step ----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """Run one forward pass for the scheduled tokens; outputs of requests that advanced."""
+        decode, chunks = self._schedule()
+        sampled: list[tuple[Sequence, torch.Tensor]] = []
+        if decode:
+            step = self.cache.step([s.blocks for s in decode], [s.computed for s in decode], 1)
+            tokens = torch.tensor([[s.tokens[-1]] for s in decode], device=self.model.device)
+            logits = self.model(tokens, cache=step)[:, -1]
+            for s, row in zip(decode, logits, strict=True):
+                s.computed += 1
+                sampled.append((s, row))
+        for s, n in chunks:
+            step = self.cache.step([s.blocks], [s.computed], n)
+            tokens = torch.tensor([s.tokens[s.computed : s.computed + n]], device=self.model.device)
+            logits = self.model(tokens, cache=step, last_only=True)[:, -1]
+            s.computed += n
+            if s.pending == 0:
+                sampled.append((s, logits[0]))
+        for s in [*decode, *(c[0] for c in chunks)]:
+            self._register_full_blocks(s)
+        touched = self._sample(sampled)
+        return [self._output(r) for r in touched]
+
+    def _schedule(self) -> tuple[list[Sequence], list[tuple[Sequence, int]]]:
+        decode = []
+        for seq in sorted((s for s in self.running if s.pending == 1), key=lambda s: s.order):
+            if seq in self.running and self._reserve(seq, seq.computed + 1):
+                decode.append(seq)
+        budget = max(self.chunk - len(decode), 1)
+        chunks = []
+        for seq in [s for s in self.running if s.pending > 1]:
+            n = min(seq.pending, budget)
+            if n > 0 and self._reserve(seq, seq.computed + n):
+                chunks.append((seq, n))
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            self._match_prefix(seq)
+            n = min(seq.pending, budget)
+            if -(-(seq.computed + n) // self.block_size) - len(seq.blocks) > self.pool.num_free:
+                self._free(seq)  # not now: keep the blocks for the running sequences
+                break
+            self.waiting.popleft()
+            self.running.append(seq)
+            self._reserve(seq, seq.computed + n)
+            chunks.append((seq, n))
+            budget -= n
+        return [s for s in decode if s in self.running], [c for c in chunks if c[0] in self.running]
+
+    def _reserve(self, seq: Sequence, tokens: int) -> bool:
+        """Blocks for `tokens` tokens of `seq`, preempting newer sequences if need be."""
+        needed = -(-tokens // self.block_size) - len(seq.blocks)
+        while needed > self.pool.num_free:
+            victim = max(self.running, key=lambda s: s.order)
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        for _ in range(needed):
+            seq.blocks.append(self.pool.allocate())
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._free(seq)
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
+
+    def _free(self, seq: Sequence) -> None:
+        self.pool.release(seq.blocks)
+        seq.blocks, seq.hashes, seq.computed = [], [], 0
+
+    def _match_prefix(self, seq: Sequence) -> None:
+        """Take the cached blocks of this sequence's longest cached prefix (always leaving
+        its last token to compute, since its logits are needed)."""
+        tokens, bs = seq.tokens, self.block_size
+        while (len(seq.blocks) + 1) * bs <= len(tokens) - 1:
+            i = len(seq.blocks)
+            h = block_hash(seq.hashes[-1] if seq.hashes else None, tokens[i * bs : (i + 1) * bs])
+            block = self.pool.lookup(h)
+            if block is None:
+                break
+            seq.blocks.append(block)
+            seq.hashes.append(h)
+            seq.computed = len(seq.blocks) * bs
+
+    def _register_full_blocks(self, seq: Sequence) -> None:
+        tokens, bs = seq.tokens, self.block_size
+        while (len(seq.hashes) + 1) * bs <= seq.computed:
+            i = len(seq.hashes)
+            h = block_hash(seq.hashes[-1] if seq.hashes else None, tokens[i * bs : (i + 1) * bs])
+            self.pool.register(seq.blocks[i], h)
+            seq.hashes.append(h)
+
+    # -- sampling and outputs ------------------------------------------------------------------
+
+    def _sample(self, sampled: list[tuple[Sequence, torch.Tensor]]) -> list[Request]:
+        if not sampled:
+            return []
+        seqs = [s for s, _ in sampled]
+        logits = torch.stack([row for _, row in sampled]).float()
+        tokens, logprobs = sample_batch(
+            logits,
+            [s.request.params for s in seqs],
+            [s.request.prompt for s in seqs],
+            [s.output for s in seqs],
+            [s.generator for s in seqs],
+        )
+        touched: dict[str, Request] = {}
+        for seq, token, lp in zip(seqs, tokens, logprobs, strict=True):
+            self._append(seq, token, lp)
+            touched[seq.request.request_id] = seq.request
+        return list(touched.values())
+
+    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
+        params = seq.request.params
+        seq.output.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        if seq.decoder is not None:
+            seq.text += seq.decoder.push(token)
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids.add(
+                self.model.config.eos_id if self.tokenizer is None else self.tokenizer.eos_id
+            )
+        if params.stop and (cut := _find_stop(seq.text, params.stop, seq.sent)) is not None:
+            seq.text = seq.text[:cut]
+            seq.finish_reason = "stop"
+        elif token in stop_ids or len(seq.output) >= params.max_tokens:
+            seq.finish_reason = "stop" if token in stop_ids else "length"
+            if seq.decoder is not None:
+                seq.text += seq.decoder.flush()
+        if seq.finish_reason is not None:
+            self.running.remove(seq)
+            self._free(seq)
+
+    def _output(self, request: Request) -> RequestOutput:
+        outputs = []
+        for seq in request.sequences:
+            hold = 0 if seq.finish_reason else _stop_prefix_len(seq.text, request.params.stop)
+            visible = len(seq.text) - hold
+            outputs.append(
+                CompletionOutput(
+                    seq.index,
+                    seq.text[:visible],
+                    list(seq.output),
+                    seq.finish_reason,
+                    list(seq.logprobs) if request.params.logprobs is not None else None,
+                    delta=seq.text[seq.sent : visible],
+                )
+            )
+            seq.sent = max(seq.sent, visible)
+        finished = request.finished
+        if finished:
+            self.requests.pop(request.request_id, None)
+        return RequestOutput(request.request_id, request.prompt, outputs, finished)
+
+
+def _find_stop(text: str, stops: list[str], since: int) -> int | None:
+    """Where the first stop string starts in text (searching only what may be new)."""
+    start = max(0, since - max(len(s) for s in stops))
+    found = [i for s in stops if (i := text.find(s, start)) >= 0]
+    return min(found) if found else None
+
+
+def _stop_prefix_len(text: str, stops: list[str]) -> int:
+    """Length of the longest end of text that could still grow into a stop string: held back
+    from streaming until it is known not to."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best

@@ -1,0 +1,177 @@
+"""`LLM`: the offline entry point, in the shape vLLM users know."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mistral_nemo.engine.engine import Engine
+from mistral_nemo.engine.params import RequestOutput, SamplingParams
+from mistral_nemo.errors import InvalidRequestError
+from mistral_nemo.model import Transformer
+from mistral_nemo.tokenizer.tekken import Tokenizer
+from mistral_nemo.tokenizer.tool_calls import parse_output
+
+Prompt = str | Sequence[int]
+_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_bytes(size: int | str) -> int:
+    """1073741824, "1GiB", "1.5g", "512MB" -> bytes (powers of 1024)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)i?b?\s*", size.lower())
+    if not m:
+        raise InvalidRequestError(f"cannot read {size!r} as a memory size (e.g. 4GiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 4 * 2**30
+
+
+class LLM:
+    """Load a model and serve many prompts at once through the continuous-batching engine.
+
+    `kv_cache_memory` sizes the paged KV cache (bytes or "4GiB"); by default it takes
+    `memory_fraction` of the free memory, but no more than `max_num_seqs` full-length
+    sequences need.
+    """
+
+    def __init__(
+        self,
+        model: str | Path | Transformer,
+        tokenizer: Tokenizer | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        max_model_len: int | None = None,
+        kv_cache_memory: int | str | None = None,
+        memory_fraction: float = 0.3,
+        block_size: int = 16,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        enable_prefix_caching: bool = True,
+    ) -> None:
+        if isinstance(model, Transformer):
+            self.model = model
+        else:
+            self.model = Transformer.from_pretrained(model, dtype=dtype, device=device)
+            tokenizer = tokenizer or Tokenizer.from_pretrained(model)
+        self.tokenizer = tokenizer
+        config = self.model.config
+        max_len = min(max_model_len or config.max_seq_len, config.max_seq_len)
+        per_block = config.kv_bytes_per_token(self.model.dtype) * block_size
+        if kv_cache_memory is None:
+            budget = int(available_memory(self.model.device) * memory_fraction)
+            budget = min(budget, max_num_seqs * -(-max_len // block_size) * per_block)
+        else:
+            budget = parse_bytes(kv_cache_memory)
+        num_blocks = budget // per_block
+        if num_blocks < 1:
+            raise InvalidRequestError(
+                f"kv_cache_memory of {budget} bytes holds no block of "
+                f"{block_size} tokens ({per_block} bytes)"
+            )
+        self.engine = Engine(
+            self.model,
+            tokenizer,
+            num_blocks,
+            block_size,
+            max_len,
+            max_num_seqs,
+            max_num_batched_tokens,
+            enable_prefix_caching,
+        )
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.engine.cache.k.nbytes + self.engine.cache.v.nbytes
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError("text prompts need a tokenizer")
+            return self.tokenizer.encode(prompt, bos=True)
+        return list(prompt)
+
+    def generate(
+        self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None
+    ) -> list[RequestOutput]:
+        """Complete every prompt (text, or token ids); outputs in the order of the prompts."""
+        batch: list[Prompt] = [prompts] if _is_single(prompts) else list(prompts)  # type: ignore[list-item, arg-type]
+        return self._run([self.encode(p) for p in batch], params or SamplingParams())
+
+    def chat(
+        self,
+        messages: Sequence[dict[str, Any]] | Sequence[Sequence[dict[str, Any]]],
+        params: SamplingParams | None = None,
+        tools: Sequence[dict[str, Any]] | None = None,
+        continue_final_message: bool = False,
+    ) -> list[RequestOutput]:
+        """Answer one conversation or several (OpenAI message format). With tools, an answer
+        that calls them has finish_reason "tool_calls" and the parsed `tool_calls`."""
+        if self.tokenizer is None:
+            raise InvalidRequestError("chat needs a tokenizer")
+        tok = self.tokenizer
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [
+            tok.encode_chat(c, tools, continue_final_message)  # type: ignore[arg-type]
+            for c in conversations
+        ]
+        outputs = self._run(prompts, params or SamplingParams())
+        for out in outputs:
+            for o in out.outputs:
+                if tools and tok.control_id("[TOOL_CALLS]") in o.token_ids:
+                    parsed = parse_output(tok, o.token_ids)
+                    if parsed.tool_calls:
+                        o.text, o.tool_calls, o.finish_reason = (
+                            parsed.content,
+                            parsed.tool_calls,
+                            "tool_calls",
+                        )
+        return outputs
+
+    def stream(
+        self, prompt: Prompt, params: SamplingParams | None = None
+    ) -> Iterator[RequestOutput]:
+        """Outputs of one request as it advances; each carries the new text in `delta`."""
+        request_id = self.engine.add_request(self.encode(prompt), params or SamplingParams())
+        try:
+            while True:
+                for out in self.engine.step():
+                    if out.request_id == request_id:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            self.engine.abort(request_id)
+
+    def _run(self, prompts: list[list[int]], params: SamplingParams) -> list[RequestOutput]:
+        ids = []
+        try:
+            for prompt in prompts:
+                ids.append(self.engine.add_request(prompt, params))
+            results: dict[str, RequestOutput] = {}
+            while len(results) < len(ids):
+                for out in self.engine.step():
+                    if out.finished:
+                        results[out.request_id] = out
+            return [results[i] for i in ids]
+        finally:
+            for i in ids:
+                self.engine.abort(i)
+
+
+def _is_single(prompts: Any) -> bool:
+    return isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], int))

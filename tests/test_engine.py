@@ -1,0 +1,254 @@
+"""The engine against the plain generation loop: batching, paging, prefix caching, chunked
+prefill and preemption must not change a single greedy token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mistral_nemo import InvalidRequestError, ModelConfig, Transformer
+from mistral_nemo.engine import LLM, SamplingParams
+from mistral_nemo.engine.paged import PagedKVCache
+from mistral_nemo.generate import generate
+from mistral_nemo.tokenizer import Tokenizer
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_mistral):
+    return Transformer.from_pretrained(tiny_mistral)
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_mistral):
+    return Tokenizer.from_pretrained(tiny_mistral)
+
+
+def prompts(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, 200, (n,), generator=g).tolist()
+    return [torch.randint(1000, 131072, (k,), generator=g).tolist() for k in lengths]
+
+
+def alone(model, prompt, n=12):
+    return list(generate(model, prompt, n, temperature=0, stop_ids=[]))
+
+
+def test_batch_of_16_mixed_lengths_matches_running_each_alone(model, tok):
+    batch = prompts(16)
+    llm = LLM(model, tok, kv_cache_memory="64MiB")
+    outputs = llm.generate(batch, GREEDY)
+    for prompt, out in zip(batch, outputs, strict=True):
+        assert out.outputs[0].token_ids == alone(model, prompt)
+        assert out.outputs[0].finish_reason == "length"
+        assert out.usage == {
+            "prompt_tokens": len(prompt),
+            "completion_tokens": 12,
+            "total_tokens": len(prompt) + 12,
+        }
+
+
+def test_prefix_cache_hit_gives_identical_output(model, tok):
+    system = prompts(1, seed=1)[0] * 2  # a shared 'system prompt' of several blocks
+    a, b = system + [2000, 2001, 2002], system + [3000, 3001]
+    llm = LLM(model, tok, kv_cache_memory="16MiB", block_size=16)
+    first = llm.generate([a], GREEDY)[0].outputs[0].token_ids
+    hits_before = llm.engine.pool.hits
+    second = llm.generate([b], GREEDY)[0].outputs[0].token_ids
+    assert llm.engine.pool.hits - hits_before >= len(system) // 16 - 1
+    assert first == alone(model, a) and second == alone(model, b)
+    again = llm.generate([a], GREEDY)[0].outputs[0].token_ids  # everything cached but 1
+    assert again == first
+
+
+def test_chunked_prefill_logits_equal_unchunked(model):
+    prompt = torch.randint(1000, 131072, (1, 300), generator=torch.Generator().manual_seed(5))
+    cache = PagedKVCache(
+        model.config,
+        num_blocks=32,
+        block_size=16,
+        max_len=512,
+        dtype=model.dtype,
+        device=model.device,
+    )
+    table = list(range(19))
+    with torch.no_grad():
+        full = model(prompt)
+        parts, start = [], 0
+        for n in (128, 100, 50, 22):
+            step = cache.step([table], [start], n)
+            parts.append(model(prompt[:, start : start + n], cache=step))
+            start += n
+    assert (torch.cat(parts, dim=1) - full).abs().max().item() <= 1e-4
+
+
+def test_long_prompts_are_prefilled_in_chunks_between_decode_steps(model, tok):
+    llm = LLM(model, tok, kv_cache_memory="64MiB", max_num_batched_tokens=64)
+    short, long = prompts(1, seed=2)[0][:10], prompts(1, seed=3)[0] * 3
+    outs = llm.generate([short, long], GREEDY)
+    assert outs[0].outputs[0].token_ids == alone(model, short)
+    assert outs[1].outputs[0].token_ids == alone(model, long)
+
+
+def test_preemption_under_a_tiny_pool_completes_everything_identically(model, tok):
+    batch = prompts(8, seed=4)
+    # 24 blocks of 16 tokens: far less than 8 sequences of up to ~250 tokens need at once.
+    per_block = model.config.kv_bytes_per_token(model.dtype) * 16
+    llm = LLM(model, tok, kv_cache_memory=24 * per_block, block_size=16)
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    outputs = llm.generate(batch, params)
+    assert llm.engine.preemptions > 0
+    for prompt, out in zip(batch, outputs, strict=True):
+        assert out.outputs[0].token_ids == alone(model, prompt, 48)
+    assert llm.engine.pool.num_free == llm.engine.pool.num_blocks  # nothing leaked
+
+
+def test_32k_prompt_on_tiny_with_kv_memory_from_the_formula(tiny_mistral, tok):
+    model = Transformer.from_pretrained(tiny_mistral, dtype=torch.bfloat16)
+    n = 32 * 1024
+    per_token = model.config.kv_bytes_per_token(torch.bfloat16)
+    llm = LLM(model, tok, kv_cache_memory=(n + 16) * per_token, max_num_batched_tokens=4096)
+    assert llm.kv_cache_bytes == (n + 16) * per_token
+    assert per_token == 2 * 2 * 2 * 32 * 2  # K,V x layers x kv heads x head_dim x bf16
+    prompt = (prompts(1, seed=6)[0] * 200)[: n - 4]
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_over_long_prompt_is_a_clear_error(model, tok):
+    small = Transformer(model.config.replace(max_seq_len=64))
+    llm = LLM(small, tok, kv_cache_memory="1MiB")
+    with pytest.raises(
+        InvalidRequestError,
+        match="prompt of 60 tokens plus max_tokens 12 exceeds the context of 64 tokens",
+    ):
+        llm.generate([[1000] * 60], GREEDY)
+    big = LLM(model, tok, kv_cache_memory=4 * 16 * model.config.kv_bytes_per_token(model.dtype))
+    with pytest.raises(InvalidRequestError, match="does not fit the KV cache"):
+        big.generate([[1000] * 100], GREEDY)
+
+
+def test_sampling_params_and_outputs(model, tok):
+    llm = LLM(model, tok, kv_cache_memory="16MiB")
+    params = SamplingParams(
+        temperature=0.8,
+        top_p=0.9,
+        top_k=50,
+        min_p=0.01,
+        seed=3,
+        n=3,
+        max_tokens=8,
+        ignore_eos=True,
+        logprobs=2,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        repetition_penalty=1.2,
+    )
+    a = llm.generate(["Hello there"], params)[0]
+    b = llm.generate(["Hello there"], params)[0]
+    assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs]  # seeded
+    assert len(a.outputs) == 3 and len({tuple(o.token_ids) for o in a.outputs}) > 1
+    lp = a.outputs[0].logprobs
+    assert len(lp) == 8 and len(lp[0].top) == 2 and lp[0].logprob <= 0
+    assert a.usage["completion_tokens"] == 24
+
+
+def test_stop_strings_and_stop_ids(model, tok):
+    llm = LLM(model, tok, kv_cache_memory="16MiB")
+    free = llm.generate(["Once"], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[
+        0
+    ].outputs[0]
+    stop_token = free.token_ids[4]
+    by_id = llm.generate(
+        ["Once"], SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[stop_token])
+    )[0].outputs[0]
+    assert by_id.token_ids == free.token_ids[:5] and by_id.finish_reason == "stop"
+    piece = free.text[len(free.text) // 2 : len(free.text) // 2 + 3]
+    if piece.strip():
+        by_text = llm.generate(
+            ["Once"], SamplingParams(temperature=0, max_tokens=10, stop=[piece], ignore_eos=True)
+        )[0].outputs[0]
+        assert by_text.finish_reason == "stop" and piece not in by_text.text
+        assert free.text.startswith(by_text.text)
+
+
+def test_streaming_deltas_add_up(model, tok):
+    llm = LLM(model, tok, kv_cache_memory="16MiB")
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    deltas, last = [], None
+    for out in llm.stream("Hello", params):
+        deltas.append(out.outputs[0].delta)
+        last = out
+    assert last.finished and "".join(deltas) == last.outputs[0].text
+    assert last.outputs[0].text == llm.generate(["Hello"], params)[0].outputs[0].text
+    assert not llm.engine.has_unfinished()
+
+
+def test_abort_frees_blocks(model, tok):
+    llm = LLM(model, tok, kv_cache_memory="16MiB")
+    rid = llm.engine.add_request(prompts(1)[0], GREEDY)
+    llm.engine.step()
+    assert llm.engine.pool.num_free < llm.engine.pool.num_blocks
+    llm.engine.abort(rid)
+    assert llm.engine.pool.num_free == llm.engine.pool.num_blocks
+    assert not llm.engine.has_unfinished()
+
+
+def test_chat_with_tools_reports_tool_calls(model, tok, monkeypatch):
+    llm = LLM(model, tok, kv_cache_memory="16MiB")
+    call = [
+        tok.control_id("[TOOL_CALLS]"),
+        *tok.encode('[{"name": "get_weather", "arguments": {"city": "Paris"}}]'),
+        tok.eos_id,
+    ]
+    forced = iter(call)
+    # Drive the model's choice: the engine must turn these tokens into an OpenAI tool call.
+    import mistral_nemo.engine.engine as engine_module
+
+    def fake_sample(logits, params, prompts, outputs, generators):
+        return [next(forced)], [None]
+
+    monkeypatch.setattr(engine_module, "sample_batch", fake_sample)
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
+    out = llm.chat(
+        [{"role": "user", "content": "Weather in Paris?"}],
+        SamplingParams(temperature=0, max_tokens=64),
+        tools=tools,
+    )[0].outputs[0]
+    assert out.finish_reason == "tool_calls"
+    assert out.tool_calls[0]["name"] == "get_weather"
+    assert out.tool_calls[0]["arguments"] == '{"city": "Paris"}'
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"temperature": -1},
+        {"top_p": 0},
+        {"max_tokens": 0},
+        {"n": 0},
+        {"logprobs": 50},
+        {"presence_penalty": 3},
+        {"stop": [""]},
+        {"min_p": 2},
+    ],
+)
+def test_invalid_sampling_params(bad):
+    with pytest.raises(InvalidRequestError):
+        SamplingParams(**bad)
+
+
+def test_kv_memory_sizes_the_pool(model, tok):
+    per_block = model.config.kv_bytes_per_token(model.dtype) * 16
+    llm = LLM(model, tok, kv_cache_memory="1MiB")
+    assert llm.engine.pool.num_blocks == 2**20 // per_block
+    assert ModelConfig.preset("nemo-12b").kv_bytes_per_token(torch.bfloat16) * 16 == 2.5 * 2**20
