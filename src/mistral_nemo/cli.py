@@ -74,6 +74,18 @@ def cmd_init_random(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    from mistral_nemo.planner import format_plan, parse_bytes, plan_memory
+
+    config = ModelConfig.from_dir(args.model) if args.model else ModelConfig.preset(args.preset)
+    plan = plan_memory(config, args.context, args.batch, args.weights, args.kv, args.chunk)
+    print(
+        f"{args.model or args.preset}: {config.num_parameters() / 1e9:.2f} B parameters, "
+        f"context {args.context} x batch {args.batch}, weights {args.weights}, KV {args.kv}"
+    )
+    print(format_plan(plan, parse_bytes(args.memory) if args.memory else None))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mistral-nemo", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -104,6 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=["hf", "mistral"], required=True)
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto")
     p.set_defaults(func=cmd_convert)
+
+    p = verbs.add_parser("plan", help="memory needed for weights, KV cache and activations")
+    p.add_argument("--preset", choices=list(PRESETS), default="nemo-12b")
+    p.add_argument("--model", help="read the config of this checkpoint instead of a preset")
+    p.add_argument("--context", type=int, default=131072, help="tokens per sequence")
+    p.add_argument("--batch", type=int, default=1, help="sequences held at once")
+    p.add_argument(
+        "--weights", choices=["fp32", "bf16", "fp16", "fp8", "int8", "int4"], default="bf16"
+    )
+    p.add_argument("--kv", choices=["fp32", "bf16", "fp16", "fp8"], default="bf16")
+    p.add_argument("--chunk", type=int, default=2048, help="prefill chunk size")
+    p.add_argument("--memory", help="capacity to check against, e.g. 24GiB or 80GB")
+    p.set_defaults(func=cmd_plan)
 
     p = verbs.add_parser("init-random", help="write a random checkpoint in a real layout")
     p.add_argument("out")

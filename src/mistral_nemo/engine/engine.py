@@ -152,25 +152,29 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one forward pass for the scheduled tokens; outputs of requests that advanced."""
         decode, chunks = self._schedule()
-        sampled: list[tuple[Sequence, torch.Tensor]] = []
+        seqs: list[Sequence] = []
+        rows: list[torch.Tensor] = []  # next-token logits, [n, vocab] each
         if decode:
             step = self.cache.step([s.blocks for s in decode], [s.computed for s in decode], 1)
             tokens = torch.tensor([[s.tokens[-1]] for s in decode], device=self.model.device)
-            logits = self.model(tokens, cache=step)[:, -1]
-            for s, row in zip(decode, logits, strict=True):
+            rows.append(self.model(tokens, cache=step)[:, -1])
+            for s in decode:
                 s.computed += 1
-                sampled.append((s, row))
+            seqs += decode
         for s, n in chunks:
             step = self.cache.step([s.blocks], [s.computed], n)
             tokens = torch.tensor([s.tokens[s.computed : s.computed + n]], device=self.model.device)
             logits = self.model(tokens, cache=step, last_only=True)[:, -1]
             s.computed += n
             if s.pending == 0:
-                sampled.append((s, logits[0]))
+                rows.append(logits)
+                seqs.append(s)
         for s in [*decode, *(c[0] for c in chunks)]:
             self._register_full_blocks(s)
-        touched = self._sample(sampled)
-        return [self._output(r) for r in touched]
+        if not seqs:
+            return []
+        logits = (rows[0] if len(rows) == 1 else torch.cat(rows)).float()
+        return [self._output(r) for r in self._sample(seqs, logits)]
 
     def _schedule(self) -> tuple[list[Sequence], list[tuple[Sequence, int]]]:
         decode = []
@@ -244,11 +248,7 @@ class Engine:
 
     # -- sampling and outputs ------------------------------------------------------------------
 
-    def _sample(self, sampled: list[tuple[Sequence, torch.Tensor]]) -> list[Request]:
-        if not sampled:
-            return []
-        seqs = [s for s, _ in sampled]
-        logits = torch.stack([row for _, row in sampled]).float()
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Request]:
         tokens, logprobs = sample_batch(
             logits,
             [s.request.params for s in seqs],

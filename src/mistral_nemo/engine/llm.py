@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,21 +12,11 @@ from mistral_nemo.engine.engine import Engine
 from mistral_nemo.engine.params import RequestOutput, SamplingParams
 from mistral_nemo.errors import InvalidRequestError
 from mistral_nemo.model import Transformer
+from mistral_nemo.planner import parse_bytes
 from mistral_nemo.tokenizer.tekken import Tokenizer
 from mistral_nemo.tokenizer.tool_calls import parse_output
 
 Prompt = str | Sequence[int]
-_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-
-
-def parse_bytes(size: int | str) -> int:
-    """1073741824, "1GiB", "1.5g", "512MB" -> bytes (powers of 1024)."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)i?b?\s*", size.lower())
-    if not m:
-        raise InvalidRequestError(f"cannot read {size!r} as a memory size (e.g. 4GiB)")
-    return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
 def available_memory(device: torch.device) -> int:

@@ -58,7 +58,7 @@ def sample_batch(
         row = apply_min_p(logits[i], p.min_p, p.temperature)
         tokens[i] = int(sample(row[None], p.temperature, p.top_p, p.top_k, generators[i])[0])
     if rows:  # all greedy rows in one call
-        picked = argmax(logits[rows]).tolist()
+        picked = argmax(logits if len(rows) == len(params) else logits[rows]).tolist()
         for i, token in zip(rows, picked, strict=True):
             tokens[i] = int(token)
     logprobs: list[TokenLogprob | None] = [None] * len(params)
