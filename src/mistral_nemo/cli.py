@@ -86,6 +86,26 @@ def cmd_plan(args: argparse.Namespace) -> None:
     print(format_plan(plan, parse_bytes(args.memory) if args.memory else None))
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from mistral_nemo.engine import LLM
+    from mistral_nemo.server import create_app
+
+    llm = LLM(
+        args.model,
+        dtype=_dtype(args.dtype),
+        device=args.device,
+        max_model_len=args.max_model_len,
+        kv_cache_memory=args.kv_cache_memory,
+        max_num_seqs=args.max_num_seqs,
+    )
+    name = args.served_model_name or Path(args.model).name
+    app = create_app(llm, name, api_key=args.api_key)
+    print(f"serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mistral-nemo", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -109,6 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(func=cmd_generate)
+
+    p = verbs.add_parser("serve", help="OpenAI-compatible HTTP server")
+    p.add_argument("model", help="checkpoint folder")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require this bearer token")
+    p.add_argument("--served-model-name", default=None, help="model name clients use")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--kv-cache-memory", default=None, help="e.g. 4GiB (default: 30%% of free)")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.set_defaults(func=cmd_serve)
 
     p = verbs.add_parser("convert", help="rewrite a checkpoint in another layout")
     p.add_argument("src")

@@ -28,6 +28,10 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # top alternatives to report per generated token
+    # Constrained generation (the server's tool_choice): tokens the completion must start
+    # with, and tokens it may never produce.
+    prefix_token_ids: list[int] = field(default_factory=list)
+    banned_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -52,6 +52,11 @@ def sample_batch(
     for i, p in enumerate(params):
         if p.penalized:
             logits[i] = apply_penalties(logits[i], p, prompts[i], outputs[i])
+        if p.banned_token_ids:
+            logits[i, p.banned_token_ids] = float("-inf")
+        if len(outputs[i]) < len(p.prefix_token_ids):
+            tokens[i] = p.prefix_token_ids[len(outputs[i])]  # forced, not sampled
+            continue
         if p.greedy:
             rows.append(i)
             continue

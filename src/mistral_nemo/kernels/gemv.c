@@ -2,8 +2,8 @@
  *
  * Decoding one token reads every weight once, so its speed is set by memory bandwidth.
  * torch's bf16 GEMV reaches about 2/3 of it on AVX-512 machines; this streams each weight
- * row once with independent accumulators and keeps up with the memory. Rows are split
- * evenly over `threads` POSIX threads. Built at first use with -march=native.
+ * row once with independent accumulators and keeps up with the memory. Rows are shared by
+ * `threads` POSIX threads. Built at first use with -march=native.
  */
 #include <pthread.h>
 #include <stdint.h>
@@ -15,9 +15,14 @@
 typedef struct {
     const void *w, *x;
     float *out;
-    long r0, r1, cols;
-    int kind; /* 0: bf16, 1: fp32 */
+    long rows, cols;
+    int kind;          /* 0: bf16, 1: fp32 */
+    long next;         /* next unclaimed row, taken CHUNK rows at a time by all threads */
 } job_t;
+
+/* Rows are claimed in small chunks rather than split in equal halves up front, so a thread
+ * slowed by the rest of the machine does not leave the others idle at the end. */
+enum { CHUNK = 64 };
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -70,13 +75,17 @@ static float dot_f32(const float *w, const float *x, long n) {
 }
 
 static void *run(void *arg) {
-    const job_t *j = arg;
-    for (long r = j->r0; r < j->r1; r++) {
-        j->out[r] = j->kind == 0
-            ? dot_bf16((const uint16_t *)j->w + r * j->cols, j->x, j->cols)
-            : dot_f32((const float *)j->w + r * j->cols, j->x, j->cols);
+    job_t *j = arg;
+    for (;;) {
+        long r0 = __atomic_fetch_add(&j->next, CHUNK, __ATOMIC_RELAXED);
+        if (r0 >= j->rows) return NULL;
+        long r1 = r0 + CHUNK < j->rows ? r0 + CHUNK : j->rows;
+        for (long r = r0; r < r1; r++) {
+            j->out[r] = j->kind == 0
+                ? dot_bf16((const uint16_t *)j->w + r * j->cols, j->x, j->cols)
+                : dot_f32((const float *)j->w + r * j->cols, j->x, j->cols);
+        }
     }
-    return NULL;
 }
 
 /* 1 if this build has the vector path for `kind`, else 0 (the scalar loop is too slow). */
@@ -93,19 +102,14 @@ int gemv_vectorized(int kind) {
 void gemv(const void *w, const void *x, float *out, long rows, long cols, int kind, int threads) {
     enum { MAX_THREADS = 64 };
     pthread_t tid[MAX_THREADS];
-    job_t jobs[MAX_THREADS];
     char joinable[MAX_THREADS] = {0};
-    if (threads < 1) threads = 1;
+    job_t job = {w, x, out, rows, cols, kind, 0};
+    long chunks = (rows + CHUNK - 1) / CHUNK;
+    if (threads > chunks) threads = (int)chunks;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
-    long per = (rows + threads - 1) / threads;
-    int n = 0;
-    for (long r0 = 0; r0 < rows; r0 += per, n++)
-        jobs[n] = (job_t){w, x, out, r0, r0 + per < rows ? r0 + per : rows, cols, kind};
-    for (int t = 1; t < n; t++) /* job 0 runs on the calling thread */
-        joinable[t] = pthread_create(&tid[t], NULL, run, &jobs[t]) == 0;
-    run(&jobs[0]);
-    for (int t = 1; t < n; t++) {
+    for (int t = 1; t < threads; t++) /* the calling thread works too */
+        joinable[t] = pthread_create(&tid[t], NULL, run, &job) == 0;
+    run(&job);
+    for (int t = 1; t < threads; t++)
         if (joinable[t]) pthread_join(tid[t], NULL);
-        else run(&jobs[t]); /* no thread to be had: do its share here */
-    }
 }
