@@ -86,6 +86,26 @@ def cmd_plan(args: argparse.Namespace) -> None:
     print(format_plan(plan, parse_bytes(args.memory) if args.memory else None))
 
 
+def cmd_chat(args: argparse.Namespace) -> None:
+    from mistral_nemo.chat import run_chat
+    from mistral_nemo.checkpoint import RANDOM_MARKER
+    from mistral_nemo.engine import LLM, SamplingParams
+
+    if (Path(args.model) / RANDOM_MARKER).is_file():
+        print(f"[{args.model} holds RANDOM weights: expect noise, not language]", file=sys.stderr)
+    llm = LLM(
+        args.model,
+        dtype=_dtype(args.dtype),
+        device=args.device,
+        kv_cache_memory=args.kv_cache_memory,
+        max_num_seqs=1,
+    )
+    params = SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed
+    )
+    run_chat(llm, params, args.system)
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
@@ -129,6 +149,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(func=cmd_generate)
+
+    p = verbs.add_parser("chat", help="talk with a model in the terminal")
+    p.add_argument("model", help="checkpoint folder")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.3)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--kv-cache-memory", default="1GiB")
+    p.set_defaults(func=cmd_chat)
 
     p = verbs.add_parser("serve", help="OpenAI-compatible HTTP server")
     p.add_argument("model", help="checkpoint folder")

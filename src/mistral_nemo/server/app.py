@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mistral_nemo.engine import LLM, RequestOutput, SamplingParams
@@ -110,6 +111,11 @@ def create_app(
     @app.exception_handler(APIError)
     async def on_api_error(_: Request, e: APIError) -> JSONResponse:
         return error_response(e.status, e.message, e.type, e.param, e.code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return error_response(e.status_code, str(e.detail), code=code)
 
     @app.exception_handler(InvalidRequestError)
     async def on_invalid(_: Request, e: InvalidRequestError) -> JSONResponse:
