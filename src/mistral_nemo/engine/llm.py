@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +133,7 @@ class LLM:
 
     def stream(
         self, prompt: Prompt, params: SamplingParams | None = None
-    ) -> Iterator[RequestOutput]:
+    ) -> Generator[RequestOutput, None, None]:
         """Outputs of one request as it advances; each carries the new text in `delta`."""
         request_id = self.engine.add_request(self.encode(prompt), params or SamplingParams())
         try:
