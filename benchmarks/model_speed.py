@@ -4,8 +4,9 @@
 
 Prefill: one forward over a 512-token prompt (LM head on the last position, as generate does).
 Decode: greedy generation of 128 tokens after that prompt, timed as t(129 tokens) - t(1 token).
-Decode GB/s counts the weight bytes read per token (all but the embedding table) and is set
-against the read bandwidth measured in the same run, right after that row's timings.
+Ours and transformers run alternately, best of several runs each. Decode GB/s counts the
+weight bytes read per token (all but the embedding table) and is set against the best read
+bandwidth measured between the decode runs.
 """
 
 from __future__ import annotations
@@ -61,13 +62,34 @@ def hf_runner(path: Path, prompt: torch.Tensor):
     return prefill, gen
 
 
-def measure(runner, path: Path, prompt: torch.Tensor, decode: int, repeats: int) -> dict:
-    prefill, gen = runner(path, prompt)
-    t_prefill = best_time(prefill, repeats)
-    t_one = best_time(lambda: gen(1), repeats)
-    t_all = best_time(lambda: gen(decode + 1), max(1, repeats // 2))
+def measure(path: Path, prompt: torch.Tensor, decode: int, repeats: int) -> dict:
+    """Best times of ours and transformers, run alternately so that both see the same
+    machine (its speed drifts with the neighbours' load), and the best read bandwidth
+    measured between the decode runs."""
+    runners = {"ours": ours_runner(path, prompt), "hf": hf_runner(path, prompt)}
+    best: dict[str, float] = {}
+
+    def record(key: str, fn) -> None:
+        best[key] = min(best.get(key, float("inf")), best_time(fn, 1, warmup=0))
+
+    for prefill, gen in runners.values():  # warm up both
+        prefill()
+        gen(2)
+    for _ in range(repeats):
+        for name, (prefill, gen) in runners.items():
+            record(f"{name}_prefill", prefill)
+            record(f"{name}_one", lambda gen=gen: gen(1))
+    bandwidth = 0.0
+    for _ in range(max(1, repeats // 2)):
+        for name, (_, gen) in runners.items():
+            record(f"{name}_all", lambda gen=gen: gen(decode + 1))
+        bandwidth = max(bandwidth, read_bandwidth_gbs(repeats=3))
     gc.collect()
-    return {"prefill_tok_s": prompt.shape[1] / t_prefill, "decode_tok_s": decode / (t_all - t_one)}
+    out: dict[str, float] = {"bandwidth": bandwidth}
+    for name in runners:
+        out[f"{name}_prefill"] = prompt.shape[1] / best[f"{name}_prefill"]
+        out[f"{name}_decode"] = decode / (best[f"{name}_all"] - best[f"{name}_one"])
+    return out
 
 
 def main() -> None:
@@ -87,31 +109,27 @@ def main() -> None:
             weight_bytes = (config.num_parameters() - config.vocab_size * config.dim) * (
                 dtype.itemsize
             )
-            repeats = 5 if config.num_parameters() < 1e8 else 2
+            repeats = 6 if config.num_parameters() < 1e8 else 4
             prompt = torch.randint(1000, config.vocab_size, (1, args.prompt))
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "ckpt"
                 init_random(path, config, "hf", seed=0, dtype=dtype)
-                ours = measure(ours_runner, path, prompt, args.decode, repeats)
-                theirs = measure(hf_runner, path, prompt, args.decode, repeats)
-            # The machine's bandwidth varies with its neighbours' load: measure it next to
-            # the decode it is compared with.
-            bandwidth = read_bandwidth_gbs()
-            decode_gbs = weight_bytes * ours["decode_tok_s"] / 1e9
+                m = measure(path, prompt, args.decode, repeats)
+            decode_gbs = weight_bytes * m["ours_decode"] / 1e9
             rows.append(
                 {
                     "config": cname,
                     "dtype": dname,
-                    "prefill_ours": ours["prefill_tok_s"],
-                    "prefill_hf": theirs["prefill_tok_s"],
-                    "prefill_ratio": ours["prefill_tok_s"] / theirs["prefill_tok_s"],
-                    "decode_ours": ours["decode_tok_s"],
-                    "decode_hf": theirs["decode_tok_s"],
-                    "decode_ratio": ours["decode_tok_s"] / theirs["decode_tok_s"],
+                    "prefill_ours": m["ours_prefill"],
+                    "prefill_hf": m["hf_prefill"],
+                    "prefill_ratio": m["ours_prefill"] / m["hf_prefill"],
+                    "decode_ours": m["ours_decode"],
+                    "decode_hf": m["hf_decode"],
+                    "decode_ratio": m["ours_decode"] / m["hf_decode"],
                     "decode_GB_s": decode_gbs,
-                    "hf_decode_GB_s": weight_bytes * theirs["decode_tok_s"] / 1e9,
-                    "bandwidth_GB_s": bandwidth,
-                    "of_bandwidth": decode_gbs / bandwidth,
+                    "hf_decode_GB_s": weight_bytes * m["hf_decode"] / 1e9,
+                    "bandwidth_GB_s": m["bandwidth"],
+                    "of_bandwidth": decode_gbs / m["bandwidth"],
                 }
             )
             print(table(rows[-1:], list(rows[-1])), flush=True)
