@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from mistral_nemo.config import ModelConfig
-from mistral_nemo.model import rope_frequencies
+from mistral_nemo.model import decode_attention, rope_frequencies
 
 
 class PagedKVCache:
@@ -95,4 +95,6 @@ class PagedStep:
         flat_v.index_copy_(0, self.write_slots, v.transpose(1, 2).reshape(-1, kv_heads, head_dim))
         keys = flat_k[self.read_slots].transpose(1, 2)  # [B, kv_heads, longest, head_dim]
         values = flat_v[self.read_slots].transpose(1, 2)
+        if t == 1:
+            return decode_attention(q, keys, values, self.mask)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask, enable_gqa=True)
