@@ -221,11 +221,12 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.output.weight.dtype
+        """The dtype of activations (weights may be quantized)."""
+        return self.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.output.weight.device
+        return self.norm.weight.device
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         if max_len > self.config.max_seq_len:
@@ -264,11 +265,24 @@ class Transformer(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str = "cpu",
         progress: bool = False,
+        quantize: str | None = None,
+        group_size: int = 128,
     ) -> Transformer:
-        """Load a checkpoint folder in the Mistral or Hugging Face layout (memory-mapped)."""
+        """Load a checkpoint folder in the Mistral or Hugging Face layout (memory-mapped).
+
+        `quantize` ("fp8", "fp8-channel", "int8", "int4") quantizes the linear layers as
+        they are read, one tensor at a time.
+        """
         from mistral_nemo.checkpoint import load_model
 
-        return load_model(path, dtype=dtype, device=device, progress=progress)
+        return load_model(
+            path,
+            dtype=dtype,
+            device=device,
+            progress=progress,
+            quantize=quantize,
+            group_size=group_size,
+        )
 
     def save_pretrained(
         self, path: str | Path, layout: str = "mistral", progress: bool = False

@@ -20,6 +20,7 @@ from mistral_nemo.checkpoint.safetensors_io import LazyTensor, TensorSource, sca
 from mistral_nemo.config import ModelConfig
 from mistral_nemo.errors import CheckpointError
 from mistral_nemo.model import Transformer
+from mistral_nemo.quant import check_scheme, is_linear_weight, quantize_linear
 
 LAYOUTS = ("mistral", "hf")
 # A file saying the weights are random, so tools can label their output as noise.
@@ -166,21 +167,35 @@ def load_model(
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    quantize: str | None = None,
+    group_size: int = 128,
 ) -> Transformer:
     """Build a Transformer on the meta device, then assign each tensor as it is read.
 
     On CPU in the file's dtype the weights stay memory-mapped (no copy at all); otherwise
-    each tensor is converted on its own, so peak memory is the result plus one tensor.
+    each tensor is converted on its own, so peak memory is the result plus one tensor. With
+    `quantize`, each linear weight is quantized as it is read and its source dropped.
     """
+    if quantize is not None:
+        check_scheme(quantize, group_size)
     ckpt = open_checkpoint(path)
     with torch.device("meta"):
         model = Transformer(ckpt.config)
     state = {}
     for name in tqdm(ckpt.tensors, desc="loading", unit="tensor", disable=not progress):
-        state[name] = ckpt.load(name, dtype, device)
+        if quantize and is_linear_weight(name) and not ckpt.config.tie_embeddings:
+            parent, _, attr = name.removesuffix(".weight").rpartition(".")
+            weight = ckpt.load(name, device=device)
+            setattr(
+                model.get_submodule(parent), attr, quantize_linear(weight, quantize, group_size)
+            )
+            del weight
+        else:
+            state[name] = ckpt.load(name, dtype, device)
     if ckpt.config.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    assert not unexpected and all(not t.is_meta for t in model.state_dict().values()), missing
     return model.eval().requires_grad_(False)
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 _SOURCE = Path(__file__).with_name("gemv.c")
-_KINDS = {torch.bfloat16: 0, torch.float32: 1}
+_KINDS = {torch.bfloat16: 0, torch.float32: 1, torch.float8_e4m3fn: 2}
 # Below this many weight elements, thread start-up costs more than torch's GEMV loses;
 # below this row length, per-row reductions do (a tiny model's 64-wide LM head).
 MIN_ELEMENTS = 1 << 20
@@ -84,10 +84,13 @@ def available(dtype: torch.dtype) -> bool:
 
 
 def gemv(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """weight [rows, cols] @ x [cols] in fp32, both contiguous CPU tensors of one dtype."""
+    """weight [rows, cols] @ x [cols] in fp32, both contiguous CPU tensors: of one dtype, or
+    float8_e4m3fn weights (unscaled) with x in bf16."""
     lib = _library()
     assert lib is not None
     rows, cols = weight.shape
+    if weight.dtype == torch.float8_e4m3fn:
+        x = x.to(torch.bfloat16).contiguous()
     out = torch.empty(rows, dtype=torch.float32)
     lib.gemv(
         weight.data_ptr(),

@@ -16,7 +16,7 @@ typedef struct {
     const void *w, *x;
     float *out;
     long rows, cols;
-    int kind;          /* 0: bf16, 1: fp32 */
+    int kind;          /* 0: bf16 (x bf16), 1: fp32 (x fp32), 2: fp8 e4m3fn (x bf16) */
     long next;         /* next unclaimed row, taken CHUNK rows at a time by all threads */
 } job_t;
 
@@ -74,6 +74,49 @@ static float dot_f32(const float *w, const float *x, long n) {
     return tail;
 }
 
+#if defined(__AVX512BF16__)
+/* 32 float8_e4m3fn bytes to bf16, by moving bits: for normal numbers the exponent is
+ * rebiased (+120) and the 3 mantissa bits move to the top of bf16's 7; the 7 subnormals
+ * come from a table. (NaN is not handled: the quantizer never produces it.) */
+static const uint16_t FP8_SUBNORMAL_BF16[32] = {0, 0x3B00, 0x3B80, 0x3BC0, 0x3C00, 0x3C20,
+                                                0x3C40, 0x3C60};
+
+static inline __m512i fp8x32_to_bf16(__m256i bytes) {
+    __m512i b = _mm512_cvtepu8_epi16(bytes);
+    __m512i sign = _mm512_slli_epi16(_mm512_and_si512(b, _mm512_set1_epi16(0x80)), 8);
+    __m512i em = _mm512_and_si512(b, _mm512_set1_epi16(0x7F));
+    __m512i normal = _mm512_add_epi16(_mm512_slli_epi16(em, 4), _mm512_set1_epi16(120 << 7));
+    __mmask32 sub = _mm512_cmplt_epu16_mask(em, _mm512_set1_epi16(8));
+    __m512i table = _mm512_loadu_si512(FP8_SUBNORMAL_BF16);
+    __m512i v = _mm512_mask_mov_epi16(normal, sub, _mm512_permutexvar_epi16(em, table));
+    return _mm512_or_si512(v, sign);
+}
+#endif
+
+static float fp8_to_f32(uint8_t b) {
+    int e = (b >> 3) & 15, m = b & 7;
+    float v = e ? (1.f + m / 8.f) * (float)(1 << e) / 128.f : m / 512.f;
+    return b & 0x80 ? -v : v;
+}
+
+static float dot_fp8(const uint8_t *w, const uint16_t *x, long n) {
+    long c = 0;
+    float tail = 0.f;
+#if defined(__AVX512BF16__)
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+    for (; c + 64 <= n; c += 64) {
+        __m512i bytes = _mm512_loadu_si512(w + c);
+        a0 = _mm512_dpbf16_ps(a0, (__m512bh)fp8x32_to_bf16(_mm512_castsi512_si256(bytes)),
+                              (__m512bh)_mm512_loadu_si512(x + c));
+        a1 = _mm512_dpbf16_ps(a1, (__m512bh)fp8x32_to_bf16(_mm512_extracti64x4_epi64(bytes, 1)),
+                              (__m512bh)_mm512_loadu_si512(x + c + 32));
+    }
+    tail = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#endif
+    for (; c < n; c++) tail += fp8_to_f32(w[c]) * bf16_to_f32(x[c]);
+    return tail;
+}
+
 static void *run(void *arg) {
     job_t *j = arg;
     for (;;) {
@@ -81,9 +124,12 @@ static void *run(void *arg) {
         if (r0 >= j->rows) return NULL;
         long r1 = r0 + CHUNK < j->rows ? r0 + CHUNK : j->rows;
         for (long r = r0; r < r1; r++) {
-            j->out[r] = j->kind == 0
-                ? dot_bf16((const uint16_t *)j->w + r * j->cols, j->x, j->cols)
-                : dot_f32((const float *)j->w + r * j->cols, j->x, j->cols);
+            if (j->kind == 0)
+                j->out[r] = dot_bf16((const uint16_t *)j->w + r * j->cols, j->x, j->cols);
+            else if (j->kind == 1)
+                j->out[r] = dot_f32((const float *)j->w + r * j->cols, j->x, j->cols);
+            else
+                j->out[r] = dot_fp8((const uint8_t *)j->w + r * j->cols, j->x, j->cols);
         }
     }
 }
@@ -91,7 +137,7 @@ static void *run(void *arg) {
 /* 1 if this build has the vector path for `kind`, else 0 (the scalar loop is too slow). */
 int gemv_vectorized(int kind) {
 #if defined(__AVX512BF16__)
-    if (kind == 0) return 1;
+    if (kind == 0 || kind == 2) return 1;
 #endif
 #if defined(__AVX512F__)
     if (kind == 1) return 1;

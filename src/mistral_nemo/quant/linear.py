@@ -1,0 +1,154 @@
+"""Quantized linear layers: FP8 (E4M3), int8 per channel, int4 per group.
+
+Each keeps its weights quantized in memory and multiplies without materializing a full
+bf16 copy: FP8 through torch._scaled_mm on CUDA GPUs that have it, through the GEMV
+kernel for one token on the CPU, and tile by tile otherwise; int8 and int4 through torch's
+CPU kernels (_weight_int8pack_mm, _weight_int4pack_mm_for_cpu), and a dequantizing
+fallback elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mistral_nemo import kernels
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+# Rows dequantized at a time by the FP8 fallback for several tokens: bounds the temporary.
+_TILE_ROWS = 2048
+
+
+def quantize_fp8(w: torch.Tensor, per_channel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """E4M3 weights and fp32 scales (one, or one per output row) with w ~ q * scale."""
+    w = w.float()
+    amax = w.abs().amax(dim=1, keepdim=True) if per_channel else w.abs().amax().reshape(1, 1)
+    scale = amax.clamp(min=1e-12) / FP8_MAX
+    q = (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q, scale.reshape(-1)
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8 weights and fp32 scales."""
+    w = w.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+    return (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 per group of `group_size` input columns: values 0..15 (int32, not
+    packed) and [groups, out, 2] (scale, zero) with w ~ (q - 8) * scale + zero."""
+    rows, cols = w.shape
+    if cols % group_size:
+        raise ValueError(
+            f"int4 needs the input size ({cols}) to be a multiple of the group size ({group_size})"
+        )
+    g = w.float().reshape(rows, cols // group_size, group_size)
+    lo, hi = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
+    scale = ((hi - lo) / 15).clamp(min=1e-8)
+    q = ((g - lo) / scale).round().clamp(0, 15).to(torch.int32).reshape(rows, cols)
+    zero = lo + 8 * scale
+    scales_zeros = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous()
+    return q, scales_zeros
+
+
+class Fp8Linear(nn.Module):
+    def __init__(
+        self, weight: torch.Tensor, scale: torch.Tensor, input_scale: torch.Tensor | None = None
+    ) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("weight_scale", scale.float())
+        self.register_buffer("input_scale", None if input_scale is None else input_scale.float())
+        self.out_features, self.in_features = weight.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, scale = self.weight, self.weight_scale
+        if x.device.type == "cuda" and _scaled_mm_works(x.device):
+            return self._scaled_mm(x)
+        if x.numel() == self.in_features and x.device.type == "cpu" and kernels.available(FP8):
+            out = kernels.gemv(w, x.reshape(-1)) * scale
+            return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        parts = []
+        for start in range(0, self.out_features, _TILE_ROWS):
+            tile = w[start : start + _TILE_ROWS].to(x.dtype)
+            tile_scale = scale if scale.numel() == 1 else scale[start : start + _TILE_ROWS, None]
+            parts.append(F.linear(x, tile * tile_scale.to(x.dtype)))
+        return torch.cat(parts, dim=-1)
+
+    def _scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if self.input_scale is not None:  # static activation scale
+            x_scale = self.input_scale.reshape(1, 1)
+        else:  # dynamic, per tensor
+            x_scale = (x2.abs().amax().float().clamp(min=1e-12) / FP8_MAX).reshape(1, 1)
+        xq = (x2.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        w_scale = (
+            self.weight_scale.reshape(1, -1)
+            if self.weight_scale.numel() > 1
+            else (self.weight_scale.reshape(1, 1))
+        )
+        if w_scale.numel() > 1:
+            x_scale = x_scale.expand(x2.shape[0], 1).contiguous()
+        out = torch._scaled_mm(
+            xq,
+            self.weight.t(),
+            scale_a=x_scale,
+            scale_b=w_scale,
+            out_dtype=x.dtype if x.dtype != torch.float32 else torch.bfloat16,
+        )
+        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+
+def _scaled_mm_works(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("weight_scale", scale.float())
+        self.out_features, self.in_features = weight.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32):
+            out = torch._weight_int8pack_mm(
+                x2.contiguous(), self.weight, self.weight_scale.to(x.dtype)
+            )
+        else:
+            out = F.linear(x2, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+class Int4Linear(nn.Module):
+    """On the CPU, weights packed for torch's int4 kernel (which takes bf16 activations);
+    elsewhere the 0..15 values, dequantized per call."""
+
+    def __init__(self, q: torch.Tensor, scales_zeros: torch.Tensor, group_size: int) -> None:
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.group_size = group_size
+        self.packed = q.device.type == "cpu"
+        if self.packed:
+            q = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        else:
+            q = q.to(torch.uint8)
+        self.register_buffer("weight", q)
+        self.register_buffer("scales_zeros", scales_zeros.to(torch.bfloat16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if self.packed:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2.to(torch.bfloat16).contiguous(), self.weight, self.group_size, self.scales_zeros
+            )
+        else:
+            groups = self.weight.float().reshape(self.out_features, -1, self.group_size) - 8
+            scale, zero = self.scales_zeros.float().transpose(0, 1).unbind(-1)
+            w = (groups * scale[..., None] + zero[..., None]).reshape(self.out_features, -1)
+            out = F.linear(x2, w.to(x.dtype))
+        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
