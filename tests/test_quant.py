@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from mistral_nemo import ConfigError, Transformer
+from mistral_nemo import CheckpointError, ConfigError, Transformer
+from mistral_nemo.checkpoint import convert_checkpoint, quantize_checkpoint
+from mistral_nemo.cli import main
 from mistral_nemo.engine import LLM, SamplingParams
-from mistral_nemo.quant import Fp8Linear, Int4Linear, Int8Linear, quantize_linear
+from mistral_nemo.quant import Fp8Linear, Int4Linear, Int8Linear, is_linear_weight, quantize_linear
 from mistral_nemo.quant.linear import quantize_fp8, quantize_int4, quantize_int8
 
 
@@ -94,3 +101,84 @@ def test_bad_scheme():
         quantize_linear(weight(), "int3")
     with pytest.raises(ConfigError, match="group size"):
         quantize_linear(weight(), "int4", group_size=48)
+
+
+@pytest.mark.parametrize("scheme", ["fp8", "fp8-channel", "int8", "int4"])
+@pytest.mark.parametrize("layout", ["hf", "mistral"])
+def test_quantized_checkpoint_round_trip(tmp_path, checkpoints, scheme, layout):
+    src = checkpoints["tiny", layout]
+    quantize_checkpoint(src, tmp_path / "q", scheme, group_size=32)
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    if scheme.startswith("fp8"):  # the AutoFP8 layout NeMo FP8 checkpoints use
+        assert config["quantization_config"]["quant_method"] == "fp8"
+        with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+            assert (
+                f.get_tensor("model.layers.0.self_attn.q_proj.weight").dtype == torch.float8_e4m3fn
+            )
+            assert f.get_tensor("model.layers.0.self_attn.q_proj.weight_scale").dim() == (
+                2 if scheme == "fp8-channel" else 0
+            )
+    loaded = Transformer.from_pretrained(tmp_path / "q")
+    on_load = Transformer.from_pretrained(src, quantize=scheme, group_size=32)
+    tokens = torch.randint(1000, 131072, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        assert torch.equal(loaded(tokens), on_load(tokens))
+    with pytest.raises(CheckpointError, match="already quantized"):
+        Transformer.from_pretrained(tmp_path / "q", quantize="int8")
+    with pytest.raises(CheckpointError, match="is quantized"):
+        convert_checkpoint(tmp_path / "q", tmp_path / "c", "mistral")
+
+
+def test_mistral_consolidated_fp8_layout(tmp_path, tiny_mistral):
+    """Mistral's own FP8 files: weights in E4M3 with `qscale_weight` / `qscale_act`."""
+    out = tmp_path / "fp8"
+    out.mkdir()
+    params = json.loads((tiny_mistral / "params.json").read_text())
+    params["quantization"] = {"qformat_weight": "fp8_e4m3", "qscheme_act": "TENSOR"}
+    (out / "params.json").write_text(json.dumps(params))
+    shutil.copy(tiny_mistral / "tekken.json", out / "tekken.json")
+    tensors = {}
+    with safe_open(str(tiny_mistral / "consolidated.safetensors"), "pt") as f:
+        for name in f.keys():  # noqa: SIM118
+            t = f.get_tensor(name)
+            if is_linear_weight(name):
+                q, scale = quantize_fp8(t)
+                base = name.removesuffix(".weight")
+                tensors[name] = q
+                tensors[f"{base}.qscale_weight"] = scale.reshape(())
+                tensors[f"{base}.qscale_act"] = torch.tensor(0.05)
+            else:
+                tensors[name] = t
+    save_file(tensors, str(out / "consolidated.safetensors"))
+    model = Transformer.from_pretrained(out)
+    assert isinstance(model.layers[1].attention.wq, Fp8Linear)
+    assert model.layers[1].attention.wq.input_scale.item() == pytest.approx(0.05)
+    ref = Transformer.from_pretrained(tiny_mistral, quantize="fp8")
+    tokens = torch.tensor([[1, 2000, 3000, 4000]])
+    with torch.inference_mode():
+        assert torch.equal(model(tokens), ref(tokens))
+
+
+def test_quantize_cli(tmp_path, tiny_hf, capsys):
+    assert main(["quantize", str(tiny_hf), str(tmp_path / "q8"), "--scheme", "int8"]) == 0
+    assert main(["generate", str(tmp_path / "q8"), "--prompt", "Hi", "--max-tokens", "3"]) == 0
+    generate = ["generate", str(tiny_hf), "--prompt", "Hi", "--max-tokens", "3"]
+    assert main([*generate, "--quantize", "int4", "--group-size", "32"]) == 0
+    capsys.readouterr()
+    assert main([*generate, "--quantize", "int4"]) == 1  # 64 inputs, groups of 128
+    assert "multiple of the group size (128)" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "quantize",
+                str(tiny_hf),
+                str(tmp_path / "bad"),
+                "--scheme",
+                "int4",
+                "--group-size",
+                "48",
+            ]
+        )
+        == 1
+    )
+    assert "group size" in capsys.readouterr().err

@@ -30,7 +30,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if (model_dir / RANDOM_MARKER).is_file():
         print(f"[{model_dir} holds RANDOM weights: expect noise, not language]", file=sys.stderr)
     tokenizer = Tokenizer.from_pretrained(model_dir)
-    model = Transformer.from_pretrained(model_dir, dtype=_dtype(args.dtype), device=args.device)
+    model = Transformer.from_pretrained(
+        model_dir,
+        dtype=_dtype(args.dtype),
+        device=args.device,
+        quantize=args.quantize,
+        group_size=args.group_size,
+    )
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         prompt = tokenizer.encode_chat([*messages, {"role": "user", "content": args.prompt}])
@@ -60,6 +66,13 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
     convert_checkpoint(args.src, args.dst, args.to, dtype=_dtype(args.dtype), progress=True)
     print(f"wrote {args.dst} ({args.to} layout)", file=sys.stderr)
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from mistral_nemo.checkpoint import quantize_checkpoint
+
+    quantize_checkpoint(args.src, args.dst, args.scheme, args.group_size, progress=True)
+    print(f"wrote {args.dst} ({args.scheme}, Hugging Face layout)", file=sys.stderr)
 
 
 def cmd_init_random(args: argparse.Namespace) -> None:
@@ -97,6 +110,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
         args.model,
         dtype=_dtype(args.dtype),
         device=args.device,
+        quantize=args.quantize,
+        group_size=args.group_size,
         kv_cache_memory=args.kv_cache_memory,
         max_num_seqs=1,
     )
@@ -116,6 +131,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         args.model,
         dtype=_dtype(args.dtype),
         device=args.device,
+        quantize=args.quantize,
+        group_size=args.group_size,
         max_model_len=args.max_model_len,
         kv_cache_memory=args.kv_cache_memory,
         max_num_seqs=args.max_num_seqs,
@@ -124,6 +141,20 @@ def cmd_serve(args: argparse.Namespace) -> None:
     app = create_app(llm, name, api_key=args.api_key)
     print(f"serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+def _add_loading_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dtype", choices=["auto", *DTYPES], default="auto", help="weights dtype (auto: as stored)"
+    )
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--quantize",
+        choices=["fp8", "fp8-channel", "int8", "int4"],
+        default=None,
+        help="quantize the linear layers while loading",
+    )
+    p.add_argument("--group-size", type=int, default=128, help="int4 group size (32/64/128)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,10 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument(
-        "--dtype", choices=["auto", *DTYPES], default="auto", help="weights dtype (auto: as stored)"
-    )
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    _add_loading_options(p)
     p.set_defaults(func=cmd_generate)
 
     p = verbs.add_parser("chat", help="talk with a model in the terminal")
@@ -157,8 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.3)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    _add_loading_options(p)
     p.add_argument("--kv-cache-memory", default="1GiB")
     p.set_defaults(func=cmd_chat)
 
@@ -168,8 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require this bearer token")
     p.add_argument("--served-model-name", default=None, help="model name clients use")
-    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    _add_loading_options(p)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--kv-cache-memory", default=None, help="e.g. 4GiB (default: 30%% of free)")
     p.add_argument("--max-num-seqs", type=int, default=64)
@@ -194,6 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=int, default=2048, help="prefill chunk size")
     p.add_argument("--memory", help="capacity to check against, e.g. 24GiB or 80GB")
     p.set_defaults(func=cmd_plan)
+
+    p = verbs.add_parser("quantize", help="write a quantized copy of a checkpoint")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--scheme", choices=["fp8", "fp8-channel", "int8", "int4"], required=True)
+    p.add_argument("--group-size", type=int, default=128, help="int4 group size (32/64/128)")
+    p.set_defaults(func=cmd_quantize)
 
     p = verbs.add_parser("init-random", help="write a random checkpoint in a real layout")
     p.add_argument("out")

@@ -8,11 +8,12 @@ import os
 import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from mistral_nemo.checkpoint import layouts
@@ -21,6 +22,16 @@ from mistral_nemo.config import ModelConfig
 from mistral_nemo.errors import CheckpointError
 from mistral_nemo.model import Transformer
 from mistral_nemo.quant import check_scheme, is_linear_weight, quantize_linear
+from mistral_nemo.quant.stored import (
+    COMPANIONS,
+    MISTRAL_NAMES,
+    layer_from_stored,
+    permute_rows,
+    quantization_config,
+    quantized_tensors,
+    scheme_from_config,
+    stored_shapes,
+)
 
 LAYOUTS = ("mistral", "hf")
 # A file saying the weights are random, so tools can label their output as noise.
@@ -40,6 +51,10 @@ class Checkpoint:
     layout: str
     config: ModelConfig
     tensors: dict[str, LazyTensor]
+    # For quantized checkpoints: (scheme, group size), and the companion tensors of each
+    # quantized weight (scales), by weight name and suffix.
+    quant: tuple[str, int] | None = None
+    companions: dict[str, dict[str, LazyTensor]] = field(default_factory=dict)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -57,7 +72,23 @@ class Checkpoint:
             t = layouts.hf_to_mistral_rows(t, heads)
         return t.to(device=device, dtype=dtype or t.dtype)
 
+    def load_quantized(self, name: str, device: torch.device | str = "cpu") -> nn.Module:
+        """The quantized linear layer stored under weight `name` and its companions."""
+        assert self.quant is not None
+        stored = {"weight": self.tensors[name].load()}
+        stored.update({k: t.load() for k, t in self.companions.get(name, {}).items()})
+        heads = layouts.rotary_heads(name, self.config)
+        if self.layout == "hf" and heads is not None:
+            stored = permute_rows(stored, partial(layouts.hf_to_mistral_rows, n_heads=heads))
+        stored = {k: t.to(device) for k, t in stored.items()}
+        return layer_from_stored(stored, *self.quant, where=f"{self.tensors[name].file}: {name}")
+
     def sources(self, dtype: torch.dtype | None = None) -> dict[str, TensorSource]:
+        if self.quant is not None:
+            raise CheckpointError(
+                f"{self.path}: is quantized ({self.quant[0]}); convert the "
+                "unquantized checkpoint instead"
+            )
         return {
             name: TensorSource(t.shape, dtype or t.dtype, partial(self.load, name, dtype))
             for name, t in self.tensors.items()
@@ -77,17 +108,32 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         )
     config = ModelConfig.from_dir(path)
     layout = "mistral" if (path / "params.json").is_file() else "hf"
+    raw = json.loads((path / ("params.json" if layout == "mistral" else "config.json")).read_text())
+    quant = scheme_from_config(raw)
     tensors = _read_mistral(path) if layout == "mistral" else _read_hf(path)
-    _validate(path, config, tensors)
+    companions: dict[str, dict[str, LazyTensor]] = {}
+    for name in [n for n in tensors if n.rsplit(".", 1)[-1] in COMPANIONS]:
+        base, suffix = name.rsplit(".", 1)
+        companions.setdefault(f"{base}.weight", {})[suffix] = tensors.pop(name)
+    if companions and quant is None:
+        raise CheckpointError(f"{path}: has quantization scales but no quantization config")
+    _validate(path, config, tensors, quant)
     order = layouts.expected_shapes(config)
-    return Checkpoint(path, layout, config, {name: tensors[name] for name in order})
+    return Checkpoint(
+        path, layout, config, {name: tensors[name] for name in order}, quant, companions
+    )
 
 
 def _read_mistral(path: Path) -> dict[str, LazyTensor]:
     files = sorted(path.glob("consolidated*.safetensors"))
     if not files:
         raise CheckpointError(f"{path}: params.json found but no consolidated.safetensors")
-    return _merge(scan(f) for f in files)
+    tensors = _merge(scan(f) for f in files)
+    renamed = {}
+    for name, t in tensors.items():  # Mistral's FP8 scale names
+        base, _, suffix = name.rpartition(".")
+        renamed[f"{base}.{MISTRAL_NAMES.get(suffix, suffix)}"] = t
+    return renamed
 
 
 def _read_hf(path: Path) -> dict[str, LazyTensor]:
@@ -119,6 +165,12 @@ def _read_hf(path: Path) -> dict[str, LazyTensor]:
                 )
     out = {}
     for name, t in hf_tensors.items():
+        base, _, suffix = name.rpartition(".")
+        if suffix in COMPANIONS:  # a quantized layer's scales
+            ours = layouts.mistral_name(f"{base}.weight")
+            if ours is not None:
+                out[f"{ours.removesuffix('.weight')}.{suffix}"] = t
+                continue
         ours = layouts.mistral_name(name)
         if ours is None:
             if name.endswith(_HF_IGNORED_SUFFIXES):
@@ -138,8 +190,14 @@ def _merge(per_file: Iterable[dict[str, LazyTensor]]) -> dict[str, LazyTensor]:
     return out
 
 
-def _validate(path: Path, config: ModelConfig, tensors: dict[str, LazyTensor]) -> None:
+def _validate(
+    path: Path, config: ModelConfig, tensors: dict[str, LazyTensor], quant: tuple[str, int] | None
+) -> None:
     expected = layouts.expected_shapes(config)
+    if quant is not None:
+        for name, shape in expected.items():
+            if is_linear_weight(name):
+                expected[name] = stored_shapes(quant[0], shape, quant[1])["weight"][0]
     if config.tie_embeddings:
         tensors.pop("output.weight", None)  # some tied checkpoints store the copy anyway
     for name, t in tensors.items():
@@ -179,16 +237,19 @@ def load_model(
     if quantize is not None:
         check_scheme(quantize, group_size)
     ckpt = open_checkpoint(path)
+    if quantize is not None and ckpt.quant is not None:
+        raise CheckpointError(f"{path}: is already quantized ({ckpt.quant[0]})")
     with torch.device("meta"):
         model = Transformer(ckpt.config)
     state = {}
     for name in tqdm(ckpt.tensors, desc="loading", unit="tensor", disable=not progress):
-        if quantize and is_linear_weight(name) and not ckpt.config.tie_embeddings:
-            parent, _, attr = name.removesuffix(".weight").rpartition(".")
+        parent, _, attr = name.removesuffix(".weight").rpartition(".")
+        if ckpt.quant is not None and is_linear_weight(name):
+            setattr(model.get_submodule(parent), attr, ckpt.load_quantized(name, device))
+        elif quantize and is_linear_weight(name) and not ckpt.config.tie_embeddings:
             weight = ckpt.load(name, device=device)
-            setattr(
-                model.get_submodule(parent), attr, quantize_linear(weight, quantize, group_size)
-            )
+            layer = quantize_linear(weight, quantize, group_size)
+            setattr(model.get_submodule(parent), attr, layer)
             del weight
         else:
             state[name] = ckpt.load(name, dtype, device)
@@ -210,14 +271,18 @@ def write_checkpoint(
     extra_files: dict[str, Path | bytes] | None = None,
     progress: bool = False,
     shard_bytes: int = HF_SHARD_BYTES,
+    quantize: tuple[str, int] | None = None,
 ) -> None:
     """Write a checkpoint folder from tensors in our layout, into a temporary folder that is
-    renamed to `dst` only once complete.
+    renamed to `dst` only once complete. `quantize` (scheme, group size) quantizes the
+    linear layers as they are written (Hugging Face layout only).
 
     `extra_files` maps file names to a file to copy or to the bytes to write.
     """
     if layout not in LAYOUTS:
         raise CheckpointError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
+    if quantize is not None and layout != "hf":
+        raise CheckpointError("quantized checkpoints are written in the Hugging Face layout")
     dst = Path(dst)
     if dst.exists() and not (dst.is_dir() and not any(dst.iterdir())):
         raise CheckpointError(f"{dst}: already exists; choose a new output path")
@@ -232,8 +297,11 @@ def write_checkpoint(
             write(tmp / "consolidated.safetensors", sources, lambda _: bar.update())
             (tmp / "params.json").write_text(json.dumps(config.to_params(), indent=2) + "\n")
         else:
-            _write_hf(tmp, config, sources, shard_bytes, lambda _: bar.update())
-            (tmp / "config.json").write_text(json.dumps(config.to_hf(dtype), indent=2) + "\n")
+            _write_hf(tmp, config, sources, shard_bytes, lambda _: bar.update(), quantize)
+            hf_config = config.to_hf(dtype)
+            if quantize is not None:
+                hf_config["quantization_config"] = quantization_config(*quantize)
+            (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         for name, content in (extra_files or {}).items():
             if isinstance(content, bytes):
                 (tmp / name).write_bytes(content)
@@ -249,12 +317,27 @@ def write_checkpoint(
         bar.close()
 
 
+class _QuantizedOnce:
+    """Quantizes one weight once for the several tensors it is stored as, and lets go of
+    them as they are written."""
+
+    def __init__(self, produce: Callable[[], torch.Tensor], scheme: str, group_size: int) -> None:
+        self.produce, self.scheme, self.group_size = produce, scheme, group_size
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def get(self, suffix: str) -> torch.Tensor:
+        if not self.tensors:
+            self.tensors = quantized_tensors(self.produce(), self.scheme, self.group_size)
+        return self.tensors.pop(suffix)
+
+
 def _write_hf(
     folder: Path,
     config: ModelConfig,
     sources: dict[str, TensorSource],
     shard_bytes: int,
     on_tensor: Callable[[str], None],
+    quantize: tuple[str, int] | None = None,
 ) -> None:
     hf: dict[str, TensorSource] = {}
     for name, src in sources.items():
@@ -265,6 +348,14 @@ def _write_hf(
                 src.dtype,
                 partial(_to_hf_rows, src.produce, heads),
             )
+        if quantize is not None and is_linear_weight(name):
+            once = _QuantizedOnce(src.produce, *quantize)
+            base = layouts.hf_name(name).removesuffix(".weight")
+            for suffix, (shape, dtype) in stored_shapes(
+                quantize[0], src.shape, quantize[1]
+            ).items():
+                hf[f"{base}.{suffix}"] = TensorSource(shape, dtype, partial(once.get, suffix))
+            continue
         hf[layouts.hf_name(name)] = src
     shards: list[dict[str, TensorSource]] = [{}]
     size = total = 0
@@ -319,4 +410,28 @@ def convert_checkpoint(
     ckpt = open_checkpoint(src)
     write_checkpoint(
         dst, ckpt.config, layout, ckpt.sources(dtype), ckpt.companion_files(), progress, shard_bytes
+    )
+
+
+def quantize_checkpoint(
+    src: str | Path,
+    dst: str | Path,
+    scheme: str,
+    group_size: int = 128,
+    progress: bool = False,
+    shard_bytes: int = HF_SHARD_BYTES,
+) -> None:
+    """Write a quantized copy of a checkpoint (Hugging Face layout; FP8 as AutoFP8 writes
+    it), reading, quantizing and writing one tensor at a time."""
+    check_scheme(scheme, group_size)
+    ckpt = open_checkpoint(src)
+    write_checkpoint(
+        dst,
+        ckpt.config,
+        "hf",
+        ckpt.sources(),
+        ckpt.companion_files(),
+        progress,
+        shard_bytes,
+        quantize=(scheme, group_size),
     )

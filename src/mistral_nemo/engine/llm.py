@@ -51,11 +51,15 @@ class LLM:
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 2048,
         enable_prefix_caching: bool = True,
+        quantize: str | None = None,
+        group_size: int = 128,
     ) -> None:
         if isinstance(model, Transformer):
             self.model = model
         else:
-            self.model = Transformer.from_pretrained(model, dtype=dtype, device=device)
+            self.model = Transformer.from_pretrained(
+                model, dtype=dtype, device=device, quantize=quantize, group_size=group_size
+            )
             tokenizer = tokenizer or Tokenizer.from_pretrained(model)
         self.tokenizer = tokenizer
         config = self.model.config

@@ -9,11 +9,14 @@ fallback elsewhere.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mistral_nemo import kernels
+from mistral_nemo.errors import ConfigError
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -21,40 +24,63 @@ FP8_MAX = torch.finfo(FP8).max  # 448
 _TILE_ROWS = 2048
 
 
+# Weights are quantized this many rows at a time: NeMo's 131072 x 5120 LM head in fp32
+# with its temporaries would otherwise need ~10 GB at once.
+_CHUNK_ROWS = 2048
+
+
+def _row_chunks(w: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
+    for start in range(0, w.shape[0], _CHUNK_ROWS):
+        rows = slice(start, start + _CHUNK_ROWS)
+        yield rows, w[rows].float()
+
+
 def quantize_fp8(w: torch.Tensor, per_channel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """E4M3 weights and fp32 scales (one, or one per output row) with w ~ q * scale."""
-    w = w.float()
-    amax = w.abs().amax(dim=1, keepdim=True) if per_channel else w.abs().amax().reshape(1, 1)
-    scale = amax.clamp(min=1e-12) / FP8_MAX
-    q = (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return q, scale.reshape(-1)
+    amax = torch.cat([c.abs().amax(dim=1) for _, c in _row_chunks(w)])
+    scale = (amax if per_channel else amax.max().reshape(1)).clamp(min=1e-12) / FP8_MAX
+    q = torch.empty(w.shape, dtype=FP8, device=w.device)
+    for rows, c in _row_chunks(w):
+        s = scale[rows, None] if per_channel else scale
+        q[rows] = (c / s).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q, scale
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel int8 weights and fp32 scales."""
-    w = w.float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-    return (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scales = []
+    for rows, c in _row_chunks(w):
+        scale = c.abs().amax(dim=1).clamp(min=1e-12) / 127
+        q[rows] = (c / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        scales.append(scale)
+    return q, torch.cat(scales)
 
 
 def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Asymmetric int4 per group of `group_size` input columns: values 0..15 (int32, not
     packed) and [groups, out, 2] (scale, zero) with w ~ (q - 8) * scale + zero."""
-    rows, cols = w.shape
+    rows_total, cols = w.shape
     if cols % group_size:
-        raise ValueError(
+        raise ConfigError(
             f"int4 needs the input size ({cols}) to be a multiple of the group size ({group_size})"
         )
-    g = w.float().reshape(rows, cols // group_size, group_size)
-    lo, hi = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
-    scale = ((hi - lo) / 15).clamp(min=1e-8)
-    q = ((g - lo) / scale).round().clamp(0, 15).to(torch.int32).reshape(rows, cols)
-    zero = lo + 8 * scale
-    scales_zeros = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous()
-    return q, scales_zeros
+    q = torch.empty(w.shape, dtype=torch.int32, device=w.device)
+    parts = []
+    for rows, c in _row_chunks(w):
+        g = c.reshape(c.shape[0], cols // group_size, group_size)
+        lo, hi = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
+        scale = ((hi - lo) / 15).clamp(min=1e-8)
+        q[rows] = ((g - lo) / scale).round_().clamp_(0, 15).to(torch.int32).reshape(c.shape)
+        parts.append(torch.cat([scale, lo + 8 * scale], dim=-1))
+    return q, torch.cat(parts).transpose(0, 1).contiguous()
 
 
 class Fp8Linear(nn.Module):
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+    input_scale: torch.Tensor | None
+
     def __init__(
         self, weight: torch.Tensor, scale: torch.Tensor, input_scale: torch.Tensor | None = None
     ) -> None:
@@ -107,6 +133,9 @@ def _scaled_mm_works(device: torch.device) -> bool:
 
 
 class Int8Linear(nn.Module):
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("weight", weight)
@@ -127,6 +156,9 @@ class Int8Linear(nn.Module):
 class Int4Linear(nn.Module):
     """On the CPU, weights packed for torch's int4 kernel (which takes bf16 activations);
     elsewhere the 0..15 values, dequantized per call."""
+
+    weight: torch.Tensor
+    scales_zeros: torch.Tensor
 
     def __init__(self, q: torch.Tensor, scales_zeros: torch.Tensor, group_size: int) -> None:
         super().__init__()
