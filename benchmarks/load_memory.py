@@ -4,8 +4,9 @@
 
 Writes a NeMo-shaped checkpoint (real dims and vocabulary, `--layers` layers; 2 layers is
 ~1.9 B parameters, 3.8 GB in bf16) in both layouts, then loads it in a fresh process per
-case, reads every weight and runs one forward pass, and reports peak RSS growth (ru_maxrss
-minus the RSS before loading) over the weights' size in the target dtype. The goal is at
+case, reads every weight and runs one forward pass, and reports peak RSS growth (VmHWM,
+reset after warm-up, minus the RSS before loading) over the weights' size in the target
+dtype. The goal is at
 most 1.3x; loading bf16 as bf16 must not make an fp32 (or any second) copy.
 """
 
@@ -26,11 +27,12 @@ from mistral_nemo.checkpoint import convert_checkpoint
 from mistral_nemo.checkpoint.random_init import init_random
 
 CHILD = textwrap.dedent("""
-    import resource, sys, time, psutil, torch
+    import sys, time, psutil, torch
     from mistral_nemo import ModelConfig, Transformer
     with torch.device("meta"):  # torch's one-time meta-device setup, not part of the load
         Transformer(ModelConfig.preset("tiny"))
     before = psutil.Process().memory_info().rss
+    open("/proc/self/clear_refs", "w").write("5")  # restart the peak (VmHWM) from here
     start = time.perf_counter()
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[sys.argv[2]]
     model = Transformer.from_pretrained(sys.argv[1], dtype=dtype)
@@ -39,7 +41,8 @@ CHILD = textwrap.dedent("""
         p.max()  # read every page
     with torch.inference_mode():
         model(torch.tensor([[1, 2, 3, 4]]))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
+    peak = int(hwm.split()[1]) * 1024
     print(peak - before, seconds)
 """)
 

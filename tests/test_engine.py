@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mistral_nemo import InvalidRequestError, ModelConfig, Transformer
 from mistral_nemo.engine import LLM, SamplingParams
@@ -270,3 +271,37 @@ def test_forced_prefix_and_banned_tokens(model, tok):
         ),
     )
     assert forced[0].outputs[0].token_ids[:3] == [9, 1091, 3174]
+
+
+def test_fp8_kv_cache_halves_memory_and_keeps_logits_close(tiny_mistral, tok):
+    model = Transformer.from_pretrained(tiny_mistral, dtype=torch.bfloat16)
+    prompt = torch.randint(1000, 131072, (1, 200), generator=torch.Generator().manual_seed(9))
+    logits = {}
+    for kv in (None, torch.float8_e4m3fn):
+        cache = PagedKVCache(
+            model.config,
+            num_blocks=16,
+            block_size=16,
+            max_len=256,
+            dtype=model.dtype,
+            device=model.device,
+            kv_dtype=kv,
+        )
+        with torch.no_grad():
+            parts = [model(prompt[:, :150], cache=cache.step([list(range(16))], [0], 150))]
+            for i in range(150, 200):  # decode reads the FP8 blocks back
+                parts.append(
+                    model(prompt[:, i : i + 1], cache=cache.step([list(range(16))], [i], 1))
+                )
+        logits[kv] = torch.cat(parts, dim=1).float()
+        assert cache.k.dtype == (kv or torch.bfloat16)
+    a, b = logits[None], logits[torch.float8_e4m3fn]
+    cos = F.cosine_similarity(a.flatten(1), b.flatten(1)).item()
+    assert cos > 0.99
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+    bf16 = LLM(model, tok, kv_cache_memory="4MiB")
+    fp8 = LLM(model, tok, kv_cache_memory="4MiB", kv_cache_dtype="fp8")
+    assert fp8.engine.pool.num_blocks == 2 * bf16.engine.pool.num_blocks
+    assert fp8.kv_cache_bytes == bf16.kv_cache_bytes
+    out = fp8.generate(["Hello"], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 5

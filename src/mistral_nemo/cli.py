@@ -112,6 +112,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         device=args.device,
         quantize=args.quantize,
         group_size=args.group_size,
+        kv_cache_dtype=args.kv_cache_dtype,
         kv_cache_memory=args.kv_cache_memory,
         max_num_seqs=1,
     )
@@ -133,6 +134,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         device=args.device,
         quantize=args.quantize,
         group_size=args.group_size,
+        kv_cache_dtype=args.kv_cache_dtype,
         max_model_len=args.max_model_len,
         kv_cache_memory=args.kv_cache_memory,
         max_num_seqs=args.max_num_seqs,
@@ -187,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     _add_loading_options(p)
     p.add_argument("--kv-cache-memory", default="1GiB")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
     p.set_defaults(func=cmd_chat)
 
     p = verbs.add_parser("serve", help="OpenAI-compatible HTTP server")
@@ -198,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_loading_options(p)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--kv-cache-memory", default=None, help="e.g. 4GiB (default: 30%% of free)")
+    p.add_argument(
+        "--kv-cache-dtype",
+        choices=["auto", "fp8"],
+        default="auto",
+        help="fp8: keys and values in E4M3 with a scale per layer",
+    )
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.set_defaults(func=cmd_serve)
 

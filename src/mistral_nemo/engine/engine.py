@@ -75,6 +75,7 @@ class Engine:
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 2048,
         enable_prefix_caching: bool = True,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -86,7 +87,13 @@ class Engine:
         self.chunk = max_num_batched_tokens
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
         self.cache = PagedKVCache(
-            model.config, num_blocks, block_size, self.max_model_len, model.dtype, model.device
+            model.config,
+            num_blocks,
+            block_size,
+            self.max_model_len,
+            model.dtype,
+            model.device,
+            kv_dtype,
         )
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Sequence] = deque()

@@ -29,12 +29,20 @@ def available_memory(device: torch.device) -> int:
     return 4 * 2**30
 
 
+KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None,
+    "fp8": torch.float8_e4m3fn,
+    "bf16": torch.bfloat16,
+    "fp32": torch.float32,
+}
+
+
 class LLM:
     """Load a model and serve many prompts at once through the continuous-batching engine.
 
     `kv_cache_memory` sizes the paged KV cache (bytes or "4GiB"); by default it takes
     `memory_fraction` of the free memory, but no more than `max_num_seqs` full-length
-    sequences need.
+    sequences need. `kv_cache_dtype` "fp8" stores keys and values in E4M3 (half of bf16).
     """
 
     def __init__(
@@ -53,6 +61,7 @@ class LLM:
         enable_prefix_caching: bool = True,
         quantize: str | None = None,
         group_size: int = 128,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         if isinstance(model, Transformer):
             self.model = model
@@ -64,7 +73,8 @@ class LLM:
         self.tokenizer = tokenizer
         config = self.model.config
         max_len = min(max_model_len or config.max_seq_len, config.max_seq_len)
-        per_block = config.kv_bytes_per_token(self.model.dtype) * block_size
+        kv_dtype = KV_CACHE_DTYPES[kv_cache_dtype] or self.model.dtype
+        per_block = config.kv_bytes_per_token(kv_dtype) * block_size
         if kv_cache_memory is None:
             budget = int(available_memory(self.model.device) * memory_fraction)
             budget = min(budget, max_num_seqs * -(-max_len // block_size) * per_block)
@@ -85,6 +95,7 @@ class LLM:
             max_num_seqs,
             max_num_batched_tokens,
             enable_prefix_caching,
+            kv_dtype,
         )
 
     @property

@@ -3,7 +3,9 @@
 Per layer, keys and values live in [num_blocks * block_size, kv_heads, head_dim] (vLLM's
 [num_blocks, block_size, kv_heads, head_dim] layout, flattened), so a GPU paged-attention
 kernel could read the blocks in place. Here attention gathers each sequence's blocks into
-a padded batch and runs scaled_dot_product_attention with a mask.
+a padded batch and runs scaled_dot_product_attention with a mask. They are stored in the
+model's dtype, or in FP8 (E4M3) with a scale per layer, which halves the cache of a bf16
+model.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 
 from mistral_nemo.config import ModelConfig
 from mistral_nemo.model import decode_attention, rope_frequencies
+from mistral_nemo.quant.linear import FP8, FP8_MAX
 
 
 class PagedKVCache:
@@ -26,19 +29,41 @@ class PagedKVCache:
         max_len: int,
         dtype: torch.dtype,
         device: torch.device,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         slots = num_blocks * block_size
         shape = (config.n_layers, slots, config.n_kv_heads, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.dtype = dtype  # of attention's inputs and outputs
+        self.kv_dtype = kv_dtype or dtype  # of the stored keys and values
+        self.k = torch.zeros(shape, dtype=self.kv_dtype, device=device)
+        self.v = torch.zeros(shape, dtype=self.kv_dtype, device=device)
         self.num_blocks, self.block_size = num_blocks, block_size
         self.freqs = rope_frequencies(config, 0, max_len, device)
+        # FP8: one scale per layer for keys and one for values, set by the first write.
+        self.fp8 = self.kv_dtype == FP8
+        self.k_scale = torch.zeros(config.n_layers, device=device)
+        self.v_scale = torch.zeros(config.n_layers, device=device)
 
-    @staticmethod
-    def blocks_for_memory(
-        config: ModelConfig, nbytes: int, block_size: int, dtype: torch.dtype
-    ) -> int:
-        return nbytes // (config.kv_bytes_per_token(dtype) * block_size)
+    def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write keys and values [tokens, kv_heads, head_dim] into their slots."""
+        for pool, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+            if self.fp8:
+                if scales[layer] == 0:
+                    # Twice the first batch's range: room for later tokens, which clamp
+                    # beyond it; E4M3 keeps ~2 significant digits anywhere in its range.
+                    scales[layer] = (x.abs().amax().float() * 2 / FP8_MAX).clamp(min=1e-6)
+                x = (x.float() / scales[layer]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+                pool[layer].view(torch.uint8).index_copy_(0, slots, x.view(torch.uint8))
+            else:
+                pool[layer].index_copy_(0, slots, x)
+
+    def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the slots [B, n], as [B, kv_heads, n, head_dim]."""
+        k, v = self.k[layer][slots], self.v[layer][slots]
+        if self.fp8:
+            k = k.to(self.dtype) * self.k_scale[layer].to(self.dtype)
+            v = v.to(self.dtype) * self.v_scale[layer].to(self.dtype)
+        return k.transpose(1, 2), v.transpose(1, 2)
 
     def step(
         self, tables: Sequence[Sequence[int]], starts: Sequence[int], length: int
@@ -89,12 +114,13 @@ class PagedStep:
         self, layer: int, start: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
         b, kv_heads, t, head_dim = k.shape
-        flat_k = self.cache.k[layer]
-        flat_v = self.cache.v[layer]
-        flat_k.index_copy_(0, self.write_slots, k.transpose(1, 2).reshape(-1, kv_heads, head_dim))
-        flat_v.index_copy_(0, self.write_slots, v.transpose(1, 2).reshape(-1, kv_heads, head_dim))
-        keys = flat_k[self.read_slots].transpose(1, 2)  # [B, kv_heads, longest, head_dim]
-        values = flat_v[self.read_slots].transpose(1, 2)
+        self.cache.store(
+            layer,
+            self.write_slots,
+            k.transpose(1, 2).reshape(-1, kv_heads, head_dim),
+            v.transpose(1, 2).reshape(-1, kv_heads, head_dim),
+        )
+        keys, values = self.cache.read(layer, self.read_slots)  # [B, kv_heads, longest, hd]
         if t == 1:
             return decode_attention(q, keys, values, self.mask)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask, enable_gqa=True)

@@ -1,0 +1,158 @@
+"""Quantization: quality and speed of each scheme against bf16, one run.
+
+    python benchmarks/quant_bench.py [--tokens 2048] [--decode 32]
+
+On a NeMo-shaped checkpoint (real dims and vocabulary, 2 layers, ~1.9 B parameters) whose
+weights are heavy-tailed the way trained weights are (per-row scales drawn log-normally, and
+0.1% of entries ten times larger), each scheme is loaded in a fresh process and measured:
+- quality: KL(bf16 || scheme) of the next-token distributions and top-1 agreement over
+  `--tokens` positions of random text;
+- size: bytes of weights in memory, the quantized checkpoint on disk (quantize CLI);
+- speed: batch-1 decode tokens/s and resident memory (RSS after generating).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from functools import partial
+from pathlib import Path
+
+import torch
+from common import save, table
+
+from mistral_nemo import ModelConfig
+from mistral_nemo.checkpoint import layouts, quantize_checkpoint, write_checkpoint
+from mistral_nemo.checkpoint.safetensors_io import TensorSource
+
+SCHEMES = ["bf16", "fp8", "fp8-channel", "int8", "int4"]
+
+CHILD = textwrap.dedent("""
+    import json, sys, time, psutil, torch
+    import torch.nn.functional as F
+    from mistral_nemo import Transformer
+    from mistral_nemo.generate import generate
+    path, scheme, tokens_file, ref_file, decode = sys.argv[1:6]
+    model = Transformer.from_pretrained(path, quantize=None if scheme == "bf16" else scheme)
+    tokens = torch.load(tokens_file)
+    with torch.inference_mode():
+        logits = torch.cat([model(row[None]).float() for row in tokens]).flatten(0, 1)
+    result = {"scheme": scheme}
+    if scheme == "bf16":
+        torch.save(logits, ref_file)
+    else:
+        ref = torch.load(ref_file)
+        kl = F.kl_div(logits.log_softmax(-1), ref.log_softmax(-1), log_target=True,
+                      reduction="batchmean")
+        result["kl"] = float(kl)
+        result["top1"] = float((logits.argmax(-1) == ref.argmax(-1)).float().mean())
+    prompt = tokens[0, :16].tolist()
+    def run(n):
+        t = time.perf_counter(); list(generate(model, prompt, n, temperature=0, stop_ids=[]))
+        return time.perf_counter() - t
+    run(2)
+    n = int(decode)
+    result["decode_tok_s"] = n / (min(run(n + 1) for _ in range(2)) - min(run(1) for _ in range(2)))
+    result["weights_GB"] = sum(t.numel() * t.element_size()
+                               for t in model.state_dict().values()) / 1e9
+    result["rss_GB"] = psutil.Process().memory_info().rss / 1e9
+    print(json.dumps(result))
+""")
+
+
+def heavy_tailed(name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    if name.endswith("norm.weight"):
+        return (torch.rand(shape, generator=generator) + 0.5).bfloat16()
+    std = 1.0 if name == "tok_embeddings.weight" else shape[1] ** -0.5
+    out = torch.empty(shape, dtype=torch.bfloat16)
+    for start in range(0, shape[0], 4096):
+        rows = min(4096, shape[0] - start)
+        w = torch.randn((rows, shape[1]), generator=generator)
+        w *= torch.exp(0.5 * torch.randn((rows, 1), generator=generator))  # per-row scales
+        outliers = torch.rand((rows, shape[1]), generator=generator) < 1e-3
+        w[outliers] *= 10
+        out[start : start + rows] = w * std
+    return out
+
+
+def write_heavy_tailed(path: Path, config: ModelConfig) -> None:
+    def produce(i: int, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        return heavy_tailed(name, shape, torch.Generator().manual_seed(i))
+
+    sources = {
+        name: TensorSource(shape, torch.bfloat16, partial(produce, i, name, shape))
+        for i, (name, shape) in enumerate(layouts.expected_shapes(config).items())
+    }
+    write_checkpoint(path, config, "hf", sources)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--decode", type=int, default=32)
+    args = parser.parse_args()
+    config = ModelConfig.preset("nemo-12b").replace(n_layers=2)
+    rows = []
+    with tempfile.TemporaryDirectory(dir=Path.home()) as tmp:
+        path = Path(tmp) / "bf16"
+        write_heavy_tailed(path, config)
+        tokens = torch.randint(
+            1000,
+            config.vocab_size,
+            (args.tokens // 512, 512),
+            generator=torch.Generator().manual_seed(0),
+        )
+        torch.save(tokens, Path(tmp) / "tokens.pt")
+        for scheme in SCHEMES:
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    CHILD,
+                    str(path),
+                    scheme,
+                    str(Path(tmp) / "tokens.pt"),
+                    str(Path(tmp) / "ref.pt"),
+                    str(args.decode),
+                ],
+                capture_output=True,
+                text=True,
+            )
+            if out.returncode != 0:
+                raise SystemExit(f"{scheme} failed:\n{out.stderr[-2000:]}")
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            if scheme == "bf16":
+                disk = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+            else:
+                qpath = Path(tmp) / scheme
+                quantize_checkpoint(path, qpath, scheme)
+                disk = sum(f.stat().st_size for f in qpath.glob("*.safetensors"))
+                shutil.rmtree(qpath)
+            row["disk_GB"] = disk / 1e9
+            rows.append(row)
+            print(table(rows[-1:], list(rows[-1])), flush=True)
+    base = rows[0]["decode_tok_s"]
+    for row in rows:
+        row["decode_vs_bf16"] = row["decode_tok_s"] / base
+    columns = [
+        "scheme",
+        "kl",
+        "top1",
+        "weights_GB",
+        "disk_GB",
+        "rss_GB",
+        "decode_tok_s",
+        "decode_vs_bf16",
+    ]
+    print()
+    print(table(rows, columns))
+    print(f"wrote {save('quant_bench', {'tokens': args.tokens, 'rows': rows})}")
+
+
+if __name__ == "__main__":
+    main()
