@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pty
 import select
@@ -62,12 +63,9 @@ def term(tiny_mistral):
         ]
     )
     yield t
-    if t.pid:
-        try:
-            os.kill(t.pid, signal.SIGKILL)
-            os.waitpid(t.pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
+    with contextlib.suppress(ProcessLookupError, ChildProcessError):
+        os.kill(t.pid, signal.SIGKILL)
+        os.waitpid(t.pid, 0)
 
 
 def test_chat_session(term):

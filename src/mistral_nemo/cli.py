@@ -7,11 +7,15 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mistral_nemo.config import PRESETS, ModelConfig
 from mistral_nemo.errors import MistralNemoError
+
+if TYPE_CHECKING:
+    from mistral_nemo.engine import LLM
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -99,14 +103,14 @@ def cmd_plan(args: argparse.Namespace) -> None:
     print(format_plan(plan, parse_bytes(args.memory) if args.memory else None))
 
 
-def cmd_chat(args: argparse.Namespace) -> None:
-    from mistral_nemo.chat import run_chat
+def _load_llm(args: argparse.Namespace, **engine: Any) -> LLM:
+    """The engine over the checkpoint named on the command line, labelled if random."""
     from mistral_nemo.checkpoint import RANDOM_MARKER
-    from mistral_nemo.engine import LLM, SamplingParams
+    from mistral_nemo.engine import LLM
 
     if (Path(args.model) / RANDOM_MARKER).is_file():
         print(f"[{args.model} holds RANDOM weights: expect noise, not language]", file=sys.stderr)
-    llm = LLM(
+    return LLM(
         args.model,
         dtype=_dtype(args.dtype),
         device=args.device,
@@ -114,8 +118,15 @@ def cmd_chat(args: argparse.Namespace) -> None:
         group_size=args.group_size,
         kv_cache_dtype=args.kv_cache_dtype,
         kv_cache_memory=args.kv_cache_memory,
-        max_num_seqs=1,
+        **engine,
     )
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from mistral_nemo.chat import run_chat
+    from mistral_nemo.engine import SamplingParams
+
+    llm = _load_llm(args, max_num_seqs=1)
     params = SamplingParams(
         temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed
     )
@@ -125,20 +136,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from mistral_nemo.engine import LLM
     from mistral_nemo.server import create_app
 
-    llm = LLM(
-        args.model,
-        dtype=_dtype(args.dtype),
-        device=args.device,
-        quantize=args.quantize,
-        group_size=args.group_size,
-        kv_cache_dtype=args.kv_cache_dtype,
-        max_model_len=args.max_model_len,
-        kv_cache_memory=args.kv_cache_memory,
-        max_num_seqs=args.max_num_seqs,
-    )
+    llm = _load_llm(args, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs)
     name = args.served_model_name or Path(args.model).name
     app = create_app(llm, name, api_key=args.api_key)
     print(f"serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
