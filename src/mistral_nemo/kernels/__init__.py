@@ -24,6 +24,8 @@ import torch.nn.functional as F
 
 _SOURCE = Path(__file__).with_name("gemv.c")
 _KINDS = {torch.bfloat16: 0, torch.float32: 1, torch.float8_e4m3fn: 2}
+INT4 = 3  # kinds of the int4 and int8 kernels (their weights' dtypes say too little)
+INT8 = 4
 # Below this many weight elements, thread start-up costs more than torch's GEMV loses;
 # below this row length, per-row reductions do (a tiny model's 64-wide LM head).
 MIN_ELEMENTS = 1 << 20
@@ -51,7 +53,9 @@ def _library() -> ctypes.CDLL | None:
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
             result = subprocess.run(
-                [compiler, *flags, str(_SOURCE), "-o", str(built)], capture_output=True, text=True
+                [compiler, *flags, str(_SOURCE), "-o", str(built), "-lm"],
+                capture_output=True,
+                text=True,
             )
             if result.returncode != 0:
                 print(
@@ -73,14 +77,20 @@ def _library() -> ctypes.CDLL | None:
     ]
     lib.gemv.restype = None
     lib.gemv_vectorized.argtypes = [ctypes.c_int]
+    lib.gemv_int4.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
+    lib.gemv_int4.restype = None
+    if lib.gemv_vectorized(INT8):
+        lib.gemv_int8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 2 + [ctypes.c_int]
+        lib.gemv_int8.restype = None
     return lib
 
 
 @cache
-def available(dtype: torch.dtype) -> bool:
-    """Whether the vectorized kernel serves weights of `dtype` on this machine."""
+def available(dtype: torch.dtype | int) -> bool:
+    """Whether the vectorized kernel serves weights of `dtype` (or INT4) on this machine."""
     lib = _library()
-    return lib is not None and dtype in _KINDS and bool(lib.gemv_vectorized(_KINDS[dtype]))
+    kind = dtype if isinstance(dtype, int) else _KINDS.get(dtype)
+    return lib is not None and kind is not None and bool(lib.gemv_vectorized(kind))
 
 
 def gemv(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -99,6 +109,52 @@ def gemv(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         rows,
         cols,
         _KINDS[weight.dtype],
+        torch.get_num_threads(),
+    )
+    return out
+
+
+def gemv_int4(
+    packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int, x: torch.Tensor
+) -> torch.Tensor:
+    """Int4 weights (packed [rows, cols/2], (scale, zero) bf16 [rows, groups, 2]) @ x.
+
+    With groups of 128 on VNNI machines, x is quantized to int8 per group for the products
+    (as llama.cpp does on CPUs); otherwise the products are in bf16.
+    """
+    lib = _library()
+    assert lib is not None
+    rows, cols = packed.shape[0], packed.shape[1] * 2
+    xb = x.to(torch.bfloat16).contiguous()
+    out = torch.empty(rows, dtype=torch.float32)
+    lib.gemv_int4(
+        packed.data_ptr(),
+        xb.data_ptr(),
+        scales_zeros.data_ptr(),
+        out.data_ptr(),
+        rows,
+        cols,
+        group_size,
+        torch.get_num_threads(),
+    )
+    return out
+
+
+def gemv_int8(weight: torch.Tensor, row_scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Int8 weights [rows, cols] (cols a multiple of 128) times fp32 row scales @ x, with x
+    quantized to int8 per group of 128 for the VNNI products."""
+    lib = _library()
+    assert lib is not None
+    rows, cols = weight.shape
+    xb = x.to(torch.bfloat16).contiguous()
+    out = torch.empty(rows, dtype=torch.float32)
+    lib.gemv_int8(
+        weight.data_ptr(),
+        xb.data_ptr(),
+        row_scale.data_ptr(),
+        out.data_ptr(),
+        rows,
+        cols,
         torch.get_num_threads(),
     )
     return out

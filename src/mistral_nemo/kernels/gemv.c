@@ -5,8 +5,10 @@
  * row once with independent accumulators and keeps up with the memory. Rows are shared by
  * `threads` POSIX threads. Built at first use with -march=native.
  */
+#include <math.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -16,8 +18,17 @@ typedef struct {
     const void *w, *x;
     float *out;
     long rows, cols;
-    int kind;          /* 0: bf16 (x bf16), 1: fp32 (x fp32), 2: fp8 e4m3fn (x bf16) */
+    int kind;          /* 0: bf16 (x bf16), 1: fp32 (x fp32), 2: fp8 e4m3fn (x bf16),
+                          3: int4 (x bf16, with sz and xsum) */
     long next;         /* next unclaimed row, taken CHUNK rows at a time by all threads */
+    const uint16_t *sz; /* int4: [rows, groups, 2] bf16 (scale, zero) */
+    const float *xsum;  /* int4: sum of x per group */
+    long group;
+    const int8_t *xq;   /* int4, group 128: x quantized per group, even then odd columns;
+                           int8: x quantized per group of 128, in order */
+    const float *xs;    /* its scale per group */
+    const float *row_scale; /* int8: per output row */
+    float shift;        /* int8: 128 * sum over groups of xs * sum(xq) */
 } job_t;
 
 /* Rows are claimed in small chunks rather than split in equal halves up front, so a thread
@@ -117,6 +128,93 @@ static float dot_fp8(const uint8_t *w, const uint16_t *x, long n) {
     return tail;
 }
 
+/* One row of an int4 matrix: `w` holds cols/2 bytes (value 2i in the low nibble of byte i),
+ * `sz` the row's (scale, zero) bf16 pairs, one per group of `group` columns, so that
+ * w = (q - 8) * scale + zero. `xsum` holds the sum of x over each group.
+ * dot = sum over groups of scale * sum(q x) + (zero - 8 scale) * sum(x). */
+static float dot_int4(const uint8_t *w, const uint16_t *x, const uint16_t *sz,
+                      const float *xsum, long n, long group) {
+    long groups = n / group;
+    float out = 0.f;
+#if defined(__AVX512BF16__)
+    static const uint32_t BF16_OF[16] = {0, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0,
+                                         0x40E0, 0x4100, 0x4110, 0x4120, 0x4130, 0x4140,
+                                         0x4150, 0x4160, 0x4170};
+    const __m512i table = _mm512_loadu_si512(BF16_OF);
+    const __m512i low4 = _mm512_set1_epi32(15);
+    __m512 total = _mm512_setzero_ps();
+    for (long g = 0; g < groups; g++) {
+        __m512 acc = _mm512_setzero_ps();
+        for (long c = g * group; c < (g + 1) * group; c += 32) {
+            __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + c / 2)));
+            __m512i lo = _mm512_permutexvar_epi32(_mm512_and_si512(b, low4), table);
+            __m512i hi = _mm512_permutexvar_epi32(_mm512_srli_epi32(b, 4), table);
+            __m512i pairs = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+            acc = _mm512_dpbf16_ps(acc, (__m512bh)pairs, (__m512bh)_mm512_loadu_si512(x + c));
+        }
+        total = _mm512_fmadd_ps(acc, _mm512_set1_ps(bf16_to_f32(sz[2 * g])), total);
+    }
+    out = _mm512_reduce_add_ps(total);
+#else
+    for (long g = 0; g < groups; g++) {
+        float q = 0.f;
+        for (long c = g * group; c < (g + 1) * group; c++)
+            q += (float)((w[c / 2] >> (4 * (c & 1))) & 15) * bf16_to_f32(x[c]);
+        out += bf16_to_f32(sz[2 * g]) * q;
+    }
+#endif
+    for (long g = 0; g < groups; g++)
+        out += (bf16_to_f32(sz[2 * g + 1]) - 8.f * bf16_to_f32(sz[2 * g])) * xsum[g];
+    return out;
+}
+
+#if defined(__AVX512VNNI__)
+/* int4 x int8 for groups of 128: x quantized to int8 per group (as llama.cpp does for its
+ * CPU dot products), 128 products per pair of VNNI instructions. `xq` holds the even
+ * columns of x, then the odd ones, to match the low and high nibbles of 64 weight bytes. */
+static float dot_int4_vnni(const uint8_t *w, const int8_t *xq, const float *xs,
+                           const uint16_t *sz, const float *xsum, long n) {
+    const int8_t *xe = xq, *xo = xq + n / 2;
+    const __m512i low4 = _mm512_set1_epi8(15);
+    __m512 total = _mm512_setzero_ps();
+    long groups = n / 128;
+    for (long g = 0; g < groups; g++) {
+        __m512i b = _mm512_loadu_si512(w + g * 64);
+        __m512i lo = _mm512_and_si512(b, low4);
+        __m512i hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low4);
+        __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo,
+                                          _mm512_loadu_si512(xe + g * 64));
+        acc = _mm512_dpbusd_epi32(acc, hi, _mm512_loadu_si512(xo + g * 64));
+        total = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc),
+                                _mm512_set1_ps(bf16_to_f32(sz[2 * g]) * xs[g]), total);
+    }
+    float out = _mm512_reduce_add_ps(total);
+    for (long g = 0; g < groups; g++)
+        out += (bf16_to_f32(sz[2 * g + 1]) - 8.f * bf16_to_f32(sz[2 * g])) * xsum[g];
+    return out;
+}
+#endif
+
+#if defined(__AVX512VNNI__)
+/* int8 weights x int8 activations (quantized per group of 128). VNNI multiplies unsigned by
+ * signed bytes, so the weights' sign bits are flipped (w + 128) and 128 * sum(xq) is taken
+ * off afterwards (`shift`, the same for every row). */
+static float dot_int8_vnni(const int8_t *w, const int8_t *xq, const float *xs, long n) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512 total = _mm512_setzero_ps();
+    for (long g = 0; g < n / 128; g++) {
+        const int8_t *wg = w + g * 128, *xg = xq + g * 128;
+        __m512i acc = _mm512_dpbusd_epi32(
+            _mm512_setzero_si512(), _mm512_xor_si512(_mm512_loadu_si512(wg), flip),
+            _mm512_loadu_si512(xg));
+        acc = _mm512_dpbusd_epi32(acc, _mm512_xor_si512(_mm512_loadu_si512(wg + 64), flip),
+                                  _mm512_loadu_si512(xg + 64));
+        total = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(xs[g]), total);
+    }
+    return _mm512_reduce_add_ps(total);
+}
+#endif
+
 static void *run(void *arg) {
     job_t *j = arg;
     for (;;) {
@@ -128,8 +226,25 @@ static void *run(void *arg) {
                 j->out[r] = dot_bf16((const uint16_t *)j->w + r * j->cols, j->x, j->cols);
             else if (j->kind == 1)
                 j->out[r] = dot_f32((const float *)j->w + r * j->cols, j->x, j->cols);
-            else
+            else if (j->kind == 2)
                 j->out[r] = dot_fp8((const uint8_t *)j->w + r * j->cols, j->x, j->cols);
+#if defined(__AVX512VNNI__)
+            else if (j->kind == 4)
+                j->out[r] = j->row_scale[r] *
+                    (dot_int8_vnni((const int8_t *)j->w + r * j->cols, j->xq, j->xs, j->cols) -
+                     j->shift);
+#endif
+            else {
+                const uint8_t *w = (const uint8_t *)j->w + r * (j->cols / 2);
+                const uint16_t *sz = j->sz + r * (j->cols / j->group) * 2;
+#if defined(__AVX512VNNI__)
+                if (j->xq != NULL) {
+                    j->out[r] = dot_int4_vnni(w, j->xq, j->xs, sz, j->xsum, j->cols);
+                    continue;
+                }
+#endif
+                j->out[r] = dot_int4(w, j->x, sz, j->xsum, j->cols, j->group);
+            }
         }
     }
 }
@@ -137,7 +252,10 @@ static void *run(void *arg) {
 /* 1 if this build has the vector path for `kind`, else 0 (the scalar loop is too slow). */
 int gemv_vectorized(int kind) {
 #if defined(__AVX512BF16__)
-    if (kind == 0 || kind == 2) return 1;
+    if (kind == 0 || kind == 2 || kind == 3) return 1;
+#endif
+#if defined(__AVX512VNNI__)
+    if (kind == 4) return 1;
 #endif
 #if defined(__AVX512F__)
     if (kind == 1) return 1;
@@ -145,17 +263,83 @@ int gemv_vectorized(int kind) {
     return 0;
 }
 
-void gemv(const void *w, const void *x, float *out, long rows, long cols, int kind, int threads) {
+static void run_threads(job_t *job, int threads) {
     enum { MAX_THREADS = 64 };
     pthread_t tid[MAX_THREADS];
     char joinable[MAX_THREADS] = {0};
-    job_t job = {w, x, out, rows, cols, kind, 0};
-    long chunks = (rows + CHUNK - 1) / CHUNK;
+    long chunks = (job->rows + CHUNK - 1) / CHUNK;
     if (threads > chunks) threads = (int)chunks;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     for (int t = 1; t < threads; t++) /* the calling thread works too */
-        joinable[t] = pthread_create(&tid[t], NULL, run, &job) == 0;
-    run(&job);
+        joinable[t] = pthread_create(&tid[t], NULL, run, job) == 0;
+    run(job);
     for (int t = 1; t < threads; t++)
         if (joinable[t]) pthread_join(tid[t], NULL);
 }
+
+void gemv(const void *w, const void *x, float *out, long rows, long cols, int kind, int threads) {
+    job_t job = {w, x, out, rows, cols, kind, 0, NULL, NULL, 1, NULL, NULL, NULL, 0.f};
+    run_threads(&job, threads);
+}
+
+/* out = int4 weights @ x (bf16). Sums x per group first and, for groups of 128 on VNNI
+ * machines, quantizes x to int8 per group (even columns, then odd ones). */
+void gemv_int4(const uint8_t *w, const uint16_t *x, const uint16_t *sz, float *out, long rows,
+               long cols, long group, int threads) {
+    long groups = cols / group;
+    float *xsum = malloc(sizeof(float) * 2 * groups);
+    float *xs = xsum + groups;
+    int8_t *xq = NULL;
+    for (long g = 0; g < groups; g++) {
+        float sum = 0.f, amax = 0.f;
+        for (long c = g * group; c < (g + 1) * group; c++) {
+            float v = bf16_to_f32(x[c]);
+            sum += v;
+            amax = fabsf(v) > amax ? fabsf(v) : amax;
+        }
+        xsum[g] = sum;
+        xs[g] = amax > 0.f ? amax / 127.f : 1.f;
+    }
+#if defined(__AVX512VNNI__)
+    if (group == 128) {
+        xq = malloc(cols);
+        for (long c = 0; c < cols; c++) {
+            float v = nearbyintf(bf16_to_f32(x[c]) / xs[c / group]);
+            xq[(c & 1) * (cols / 2) + c / 2] = (int8_t)(v > 127.f ? 127.f : v < -127.f ? -127.f : v);
+        }
+    }
+#endif
+    job_t job = {w, x, out, rows, cols, 3, 0, sz, xsum, group, xq, xs, NULL, 0.f};
+    run_threads(&job, threads);
+    free(xq);
+    free(xsum);
+}
+
+#if defined(__AVX512VNNI__)
+/* out = row_scale * (int8 weights @ x (bf16)), cols a multiple of 128: x is quantized to
+ * int8 per group of 128 (about 0.4% error, as llama.cpp's CPU dot products do). */
+void gemv_int8(const int8_t *w, const uint16_t *x, const float *row_scale, float *out,
+               long rows, long cols, int threads) {
+    long groups = cols / 128;
+    float *xs = malloc(sizeof(float) * groups);
+    int8_t *xq = malloc(cols);
+    float shift = 0.f;
+    for (long g = 0; g < groups; g++) {
+        float amax = 0.f;
+        for (long c = g * 128; c < (g + 1) * 128; c++)
+            amax = fabsf(bf16_to_f32(x[c])) > amax ? fabsf(bf16_to_f32(x[c])) : amax;
+        xs[g] = amax > 0.f ? amax / 127.f : 1.f;
+        long sum = 0;
+        for (long c = g * 128; c < (g + 1) * 128; c++) {
+            float v = nearbyintf(bf16_to_f32(x[c]) / xs[g]);
+            xq[c] = (int8_t)(v > 127.f ? 127.f : v < -127.f ? -127.f : v);
+            sum += xq[c];
+        }
+        shift += 128.f * xs[g] * (float)sum;
+    }
+    job_t job = {w, x, out, rows, cols, 4, 0, NULL, NULL, 128, xq, xs, row_scale, shift};
+    run_threads(&job, threads);
+    free(xq);
+    free(xs);
+}
+#endif

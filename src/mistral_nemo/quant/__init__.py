@@ -13,6 +13,7 @@ from mistral_nemo.quant.linear import (
     Fp8Linear,
     Int4Linear,
     Int8Linear,
+    pack_int4,
     quantize_fp8,
     quantize_int4,
     quantize_int8,
@@ -37,7 +38,8 @@ def quantize_linear(weight: torch.Tensor, scheme: str, group_size: int = 128) ->
         return Fp8Linear(*quantize_fp8(weight, per_channel=scheme == "fp8-channel"))
     if scheme == "int8":
         return Int8Linear(*quantize_int8(weight))
-    return Int4Linear(*quantize_int4(weight, group_size), group_size)
+    q, scales_zeros = quantize_int4(weight, group_size)
+    return Int4Linear(pack_int4(q), scales_zeros, group_size)
 
 
 def is_linear_weight(name: str) -> bool:

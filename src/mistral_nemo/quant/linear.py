@@ -143,6 +143,14 @@ class Int8Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            x.numel() == self.in_features
+            and self.in_features % 128 == 0
+            and x.device.type == "cpu"
+            and kernels.available(kernels.INT8)
+        ):
+            out = kernels.gemv_int8(self.weight, self.weight_scale, x.reshape(-1))
+            return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
         x2 = x.reshape(-1, self.in_features)
         if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32):
             out = torch._weight_int8pack_mm(
@@ -154,33 +162,44 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """On the CPU, weights packed for torch's int4 kernel (which takes bf16 activations);
-    elsewhere the 0..15 values, dequantized per call."""
+    """Int4 weights as stored (two values a byte) with their (scale, zero) per group. One
+    token goes through the int4 GEMV kernel; several are dequantized tile by tile."""
 
     weight: torch.Tensor
     scales_zeros: torch.Tensor
 
-    def __init__(self, q: torch.Tensor, scales_zeros: torch.Tensor, group_size: int) -> None:
+    def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int) -> None:
         super().__init__()
-        self.out_features, self.in_features = q.shape
+        self.out_features, self.in_features = packed.shape[0], packed.shape[1] * 2
         self.group_size = group_size
-        self.packed = q.device.type == "cpu"
-        if self.packed:
-            q = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        else:
-            q = q.to(torch.uint8)
-        self.register_buffer("weight", q)
-        self.register_buffer("scales_zeros", scales_zeros.to(torch.bfloat16))
+        self.register_buffer("weight", packed)
+        # [rows, groups, 2]: each row's scales next to each other, as the kernel reads them.
+        self.register_buffer(
+            "scales_zeros", scales_zeros.to(torch.bfloat16).transpose(0, 1).contiguous()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)
-        if self.packed:
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x2.to(torch.bfloat16).contiguous(), self.weight, self.group_size, self.scales_zeros
-            )
-        else:
-            groups = self.weight.float().reshape(self.out_features, -1, self.group_size) - 8
-            scale, zero = self.scales_zeros.float().transpose(0, 1).unbind(-1)
-            w = (groups * scale[..., None] + zero[..., None]).reshape(self.out_features, -1)
-            out = F.linear(x2, w.to(x.dtype))
-        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        if (
+            x.numel() == self.in_features
+            and x.device.type == "cpu"
+            and kernels.available(kernels.INT4)
+        ):
+            out = kernels.gemv_int4(self.weight, self.scales_zeros, self.group_size, x.reshape(-1))
+            return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        parts = [
+            F.linear(x, self._dequantize(start, start + _TILE_ROWS).to(x.dtype))
+            for start in range(0, self.out_features, _TILE_ROWS)
+        ]
+        return torch.cat(parts, dim=-1)
+
+    def _dequantize(self, start: int, end: int) -> torch.Tensor:
+        packed = self.weight[start:end]
+        q = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+        scale, zero = self.scales_zeros[start:end].float().unbind(-1)
+        groups = (q.float() - 8).reshape(q.shape[0], -1, self.group_size)
+        return (groups * scale[..., None] + zero[..., None]).reshape(q.shape[0], -1)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """0..15 values [rows, cols] into bytes [rows, cols/2], column 2i in the low nibble."""
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)

@@ -28,6 +28,7 @@ from mistral_nemo.quant.linear import (
     Fp8Linear,
     Int4Linear,
     Int8Linear,
+    pack_int4,
     quantize_fp8,
     quantize_int4,
     quantize_int8,
@@ -49,8 +50,7 @@ def quantized_tensors(w: torch.Tensor, scheme: str, group_size: int) -> dict[str
         q8, scale = quantize_int8(w)
         return {"weight": q8, "weight_scale": scale}
     q4, scales_zeros = quantize_int4(w, group_size)
-    packed = (q4[:, 0::2] | (q4[:, 1::2] << 4)).to(torch.uint8)
-    return {"weight": packed, "weight_scales_zeros": scales_zeros.to(torch.bfloat16)}
+    return {"weight": pack_int4(q4), "weight_scales_zeros": scales_zeros.to(torch.bfloat16)}
 
 
 def stored_shapes(
@@ -79,9 +79,7 @@ def layer_from_stored(
             )
         if scheme == "int8":
             return Int8Linear(tensors["weight"], tensors["weight_scale"].reshape(-1))
-        packed = tensors["weight"]
-        q = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
-        return Int4Linear(q.to(torch.int32), tensors["weight_scales_zeros"], group_size)
+        return Int4Linear(tensors["weight"], tensors["weight_scales_zeros"], group_size)
     except KeyError as e:
         raise CheckpointError(f"{where}: quantized layer lacks its {e.args[0]} tensor") from None
 
