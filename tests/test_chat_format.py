@@ -485,3 +485,13 @@ def test_mistral_common_rejects_the_same(ref, name):
     _, messages, tools, _ = next(b for b in BAD if b[0] == name)
     with pytest.raises(Exception):  # noqa: B017 - any of mistral-common's exceptions
         reference_ids(ref, messages, tools)
+
+
+def test_tool_calls_on_other_roles_are_ignored(ours, ref):
+    messages = [
+        {"role": "user", "content": "hi", "tool_calls": 5},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "again", "tool_calls": "x"},
+    ]
+    clean = [{k: v for k, v in m.items() if k != "tool_calls"} for m in messages]
+    assert ours.encode_chat(messages) == reference_ids(ref, clean)

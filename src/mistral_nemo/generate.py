@@ -7,6 +7,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
+from mistral_nemo import kernels
 from mistral_nemo.errors import InvalidRequestError
 from mistral_nemo.model import Transformer
 
@@ -118,5 +119,6 @@ def generate(
         yield token
         if token in stop or step == max_tokens - 1:
             return
-        logits = model(next_id.view(1, 1), pos, cache)[:, -1]
+        with kernels.one_token_steps(model.config.dim >= kernels.MIN_COLUMNS):
+            logits = model(next_id.view(1, 1), pos, cache)[:, -1]
         pos += 1

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mistral_nemo import kernels
 from mistral_nemo.engine.blocks import BlockPool, block_hash
 from mistral_nemo.engine.paged import PagedKVCache
 from mistral_nemo.engine.params import CompletionOutput, RequestOutput, SamplingParams, TokenLogprob
@@ -164,7 +165,9 @@ class Engine:
         if decode:
             step = self.cache.step([s.blocks for s in decode], [s.computed for s in decode], 1)
             tokens = torch.tensor([[s.tokens[-1]] for s in decode], device=self.model.device)
-            rows.append(self.model(tokens, cache=step)[:, -1])
+            alone = len(decode) == 1 and self.model.config.dim >= kernels.MIN_COLUMNS
+            with kernels.one_token_steps(alone):
+                rows.append(self.model(tokens, cache=step)[:, -1])
             for s in decode:
                 s.computed += 1
             seqs += decode

@@ -103,6 +103,9 @@ def _normalize(messages: Sequence[dict[str, Any]], continue_final: bool) -> tupl
 
 
 def _calls(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """An assistant message's tool calls in the encoded shape (other roles carry none)."""
+    if message["role"] != "assistant":
+        return []
     out = []
     for call in message.get("tool_calls") or []:
         fn = call["function"]
