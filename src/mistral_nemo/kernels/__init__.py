@@ -123,25 +123,22 @@ def available(dtype: torch.dtype | int) -> bool:
     return lib is not None and kind is not None and bool(lib.gemv_vectorized(kind))
 
 
+def _run(entry: str, rows: int, inputs: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:
+    """Call C function `entry`(inputs..., out, sizes..., threads) for an fp32 out [rows]."""
+    lib = _library()
+    assert lib is not None
+    out = torch.empty(rows, dtype=torch.float32)
+    getattr(lib, entry)(*(t.data_ptr() for t in inputs), out.data_ptr(), *sizes, _threads())
+    return out
+
+
 def gemv(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """weight [rows, cols] @ x [cols] in fp32, both contiguous CPU tensors: of one dtype, or
     float8_e4m3fn weights (unscaled) with x in bf16."""
-    lib = _library()
-    assert lib is not None
-    rows, cols = weight.shape
     if weight.dtype == torch.float8_e4m3fn:
         x = x.to(torch.bfloat16).contiguous()
-    out = torch.empty(rows, dtype=torch.float32)
-    lib.gemv(
-        weight.data_ptr(),
-        x.data_ptr(),
-        out.data_ptr(),
-        rows,
-        cols,
-        _KINDS[weight.dtype],
-        _threads(),
-    )
-    return out
+    rows, cols = weight.shape
+    return _run("gemv", rows, [weight, x], [rows, cols, _KINDS[weight.dtype]])
 
 
 def gemv_int4(
@@ -152,42 +149,17 @@ def gemv_int4(
     With groups of 128 on VNNI machines, x is quantized to int8 per group for the products
     (as llama.cpp does on CPUs); otherwise the products are in bf16.
     """
-    lib = _library()
-    assert lib is not None
     rows, cols = packed.shape[0], packed.shape[1] * 2
     xb = x.to(torch.bfloat16).contiguous()
-    out = torch.empty(rows, dtype=torch.float32)
-    lib.gemv_int4(
-        packed.data_ptr(),
-        xb.data_ptr(),
-        scales_zeros.data_ptr(),
-        out.data_ptr(),
-        rows,
-        cols,
-        group_size,
-        _threads(),
-    )
-    return out
+    return _run("gemv_int4", rows, [packed, xb, scales_zeros], [rows, cols, group_size])
 
 
 def gemv_int8(weight: torch.Tensor, row_scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Int8 weights [rows, cols] (cols a multiple of 128) times fp32 row scales @ x, with x
     quantized to int8 per group of 128 for the VNNI products."""
-    lib = _library()
-    assert lib is not None
     rows, cols = weight.shape
     xb = x.to(torch.bfloat16).contiguous()
-    out = torch.empty(rows, dtype=torch.float32)
-    lib.gemv_int8(
-        weight.data_ptr(),
-        xb.data_ptr(),
-        row_scale.data_ptr(),
-        out.data_ptr(),
-        rows,
-        cols,
-        _threads(),
-    )
-    return out
+    return _run("gemv_int8", rows, [weight, xb, row_scale], [rows, cols])
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
