@@ -1,5 +1,6 @@
-"""Checkpoint folders in the Mistral (params.json + consolidated.safetensors) and Hugging Face
-(config.json + model[-K-of-N].safetensors) layouts: open, validate, load, write, convert."""
+"""Checkpoints: folders in the Mistral (params.json + consolidated.safetensors) and Hugging
+Face (config.json + model[-K-of-N].safetensors) layouts, and llama.cpp's GGUF files: open,
+validate, load, write, convert."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from mistral_nemo.checkpoint import layouts
+from mistral_nemo.checkpoint.gguf_file import GGUFFile, GGUFTensor, gguf_tensors, is_gguf, write_gguf
 from mistral_nemo.checkpoint.safetensors_io import LazyTensor, TensorSource, scan, write
 from mistral_nemo.config import ModelConfig
 from mistral_nemo.errors import CheckpointError
@@ -34,6 +36,7 @@ from mistral_nemo.quant.stored import (
 )
 
 LAYOUTS = ("mistral", "hf")
+StoredTensor = LazyTensor | GGUFTensor
 # A file saying the weights are random, so tools can label their output as noise.
 RANDOM_MARKER = "RANDOM_WEIGHTS.txt"
 # Files other than weights and config that travel with a checkpoint when it is converted.
@@ -50,7 +53,7 @@ class Checkpoint:
     path: Path
     layout: str
     config: ModelConfig
-    tensors: dict[str, LazyTensor]
+    tensors: dict[str, StoredTensor]
     # For quantized checkpoints: (scheme, group size), and the companion tensors of each
     # quantized weight (scales), by weight name and suffix.
     quant: tuple[str, int] | None = None
@@ -102,9 +105,12 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
+    if is_gguf(path):
+        return _open_gguf(path)
     if not path.is_dir():
         raise CheckpointError(
-            f"{path}: expected a checkpoint folder (Mistral or Hugging Face layout)"
+            f"{path}: expected a checkpoint folder (Mistral or Hugging Face layout) "
+            "or a .gguf file"
         )
     config = ModelConfig.from_dir(path)
     layout = "mistral" if (path / "params.json").is_file() else "hf"
@@ -122,6 +128,15 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(
         path, layout, config, {name: tensors[name] for name in order}, quant, companions
     )
+
+
+def _open_gguf(path: Path) -> Checkpoint:
+    file = GGUFFile(path)
+    config = file.config()
+    tensors: dict[str, StoredTensor] = dict(gguf_tensors(file))
+    _validate(path, config, tensors, None)
+    order = layouts.expected_shapes(config)
+    return Checkpoint(path, "gguf", config, {name: tensors[name] for name in order})
 
 
 def _read_mistral(path: Path) -> dict[str, LazyTensor]:
@@ -191,7 +206,10 @@ def _merge(per_file: Iterable[dict[str, LazyTensor]]) -> dict[str, LazyTensor]:
 
 
 def _validate(
-    path: Path, config: ModelConfig, tensors: dict[str, LazyTensor], quant: tuple[str, int] | None
+    path: Path,
+    config: ModelConfig,
+    tensors: dict[str, StoredTensor],
+    quant: tuple[str, int] | None,
 ) -> None:
     expected = layouts.expected_shapes(config)
     if quant is not None:

@@ -23,7 +23,7 @@ from mistral_nemo.engine.params import CompletionOutput, RequestOutput, Sampling
 from mistral_nemo.engine.sampler import sample_batch
 from mistral_nemo.errors import InvalidRequestError
 from mistral_nemo.model import Transformer
-from mistral_nemo.tokenizer.tekken import StreamDecoder, Tokenizer
+from mistral_nemo.tokenizer.base import BaseTokenizer, StreamDecoder
 
 
 @dataclass
@@ -69,7 +69,7 @@ class Engine:
     def __init__(
         self,
         model: Transformer,
-        tokenizer: Tokenizer | None,
+        tokenizer: BaseTokenizer | None,
         num_blocks: int,
         block_size: int = 16,
         max_model_len: int | None = None,

@@ -9,19 +9,15 @@ instruct encoder, so a user typing "[INST]" gets ordinary text tokens.
 from __future__ import annotations
 
 import base64
-import codecs
-import enum
 import json
-import os
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from itertools import groupby
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import tiktoken
 
-from mistral_nemo.errors import CheckpointError, InvalidRequestError
+from mistral_nemo.errors import CheckpointError
+from mistral_nemo.tokenizer.base import BaseTokenizer
 
 # Control tokens of Tekken files that predate a "special_tokens" list (NeMo's
 # tekken_240718.json); the rest up to num_special are fillers named <SPECIAL_n>.
@@ -50,15 +46,7 @@ LEGACY_CONTROL_TOKENS = (
 )
 
 
-class SpecialTokenPolicy(enum.Enum):
-    """What `decode` does with control tokens."""
-
-    IGNORE = "ignore"  # leave them out of the text
-    KEEP = "keep"  # write their names, e.g. "[INST]"
-    RAISE = "raise"  # raise InvalidRequestError
-
-
-class Tokenizer:
+class Tokenizer(BaseTokenizer):
     def __init__(
         self,
         ranks: dict[bytes, int],
@@ -115,37 +103,6 @@ class Tokenizer:
         ids = [self.num_special + i for i in self._bpe.encode_ordinary(text)]
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
-    def encode_batch(
-        self, texts: Sequence[str], bos: bool = False, eos: bool = False, num_threads: int = 0
-    ) -> list[list[int]]:
-        """Encode many texts on a thread pool (tiktoken releases the GIL while it works).
-
-        Each thread takes one contiguous share of the texts: one task per text, as
-        tiktoken's own batch call does, costs more than it gains for short texts.
-        """
-        texts = list(texts)
-        threads = min(num_threads or os.cpu_count() or 1, max(1, len(texts) // 8))
-        if threads <= 1:
-            return [self.encode(t, bos, eos) for t in texts]
-        size = -(-len(texts) // threads)
-        shares = [texts[i : i + size] for i in range(0, len(texts), size)]
-        with ThreadPoolExecutor(threads) as pool:
-            parts = pool.map(lambda share: [self.encode(t, bos, eos) for t in share], shares)
-            return [ids for part in parts for ids in part]
-
-    def decode(
-        self, ids: Iterable[int], special: SpecialTokenPolicy = SpecialTokenPolicy.IGNORE
-    ) -> str:
-        """Text of `ids`. Bytes that do not form valid UTF-8 (a multi-byte character cut
-        between tokens) become U+FFFD, per run of ordinary tokens, as mistral-common does."""
-        parts: list[str] = []
-        for is_control, run in groupby(ids, lambda i: i < self.num_special):
-            if is_control:
-                parts.extend(self.control_text(i, special) for i in run)
-            else:
-                parts.append(self._bpe.decode([self._bpe_id(i) for i in run]))
-        return "".join(parts)
-
     def encode_chat(
         self,
         messages: Sequence[dict[str, Any]],
@@ -160,61 +117,13 @@ class Tokenizer:
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes of an ordinary token (control tokens have none)."""
+        self.check_id(token_id)
         if token_id < self.num_special:
             return b""
-        return self._bpe.decode_single_token_bytes(self._bpe_id(token_id))
-
-    def id_to_piece(self, token_id: int) -> str:
-        return self.decode([token_id], SpecialTokenPolicy.KEEP)
-
-    def control_id(self, name: str) -> int:
-        try:
-            return self.special_ids[name]
-        except KeyError:
-            raise KeyError(f"{name!r} is not a control token of this tokenizer") from None
+        return self._bpe.decode_single_token_bytes(token_id - self.num_special)
 
     def is_control(self, token_id: int) -> bool:
         return 0 <= token_id < self.num_special
 
-    def stream_decoder(
-        self, special: SpecialTokenPolicy = SpecialTokenPolicy.IGNORE
-    ) -> StreamDecoder:
-        return StreamDecoder(self, special)
-
-    def _bpe_id(self, token_id: int) -> int:
-        if not self.num_special <= token_id < self.n_words:
-            raise InvalidRequestError(
-                f"token id {token_id} is outside the vocabulary (0..{self.n_words - 1})"
-            )
-        return token_id - self.num_special
-
-    def control_text(self, token_id: int, special: SpecialTokenPolicy) -> str:
-        """How a control token reads under `special`."""
-        if token_id < 0:
-            raise InvalidRequestError(f"token id {token_id} is negative")
-        if special is SpecialTokenPolicy.RAISE:
-            raise InvalidRequestError(
-                f"cannot decode control token {token_id} "
-                f"({self.control_tokens[token_id]}) under policy RAISE"
-            )
-        return self.control_tokens[token_id] if special is SpecialTokenPolicy.KEEP else ""
-
-
-class StreamDecoder:
-    """Turns ids into text as they arrive, holding back a UTF-8 character cut between
-    tokens until its last byte comes."""
-
-    def __init__(self, tokenizer: Tokenizer, special: SpecialTokenPolicy) -> None:
-        self._tok = tokenizer
-        self._special = special
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def push(self, token_id: int) -> str:
-        if self._tok.is_control(token_id):
-            return self._utf8.decode(b"", final=True) + self._tok.control_text(
-                token_id, self._special
-            )
-        return self._utf8.decode(self._tok.token_bytes(token_id))
-
-    def flush(self) -> str:
-        return self._utf8.decode(b"", final=True)
+    def control_name(self, token_id: int) -> str:
+        return self.control_tokens[token_id]

@@ -1,0 +1,273 @@
+"""GGUF files (llama.cpp's format) of llama-family models: read and write.
+
+llama.cpp runs Mistral NeMo as architecture `llama`. Its converter permutes the q/k rows of
+Hugging Face checkpoints back into interleaved RoPE pairs, which is our (Mistral) layout, so
+tensors only need renaming. Quantized tensors (Q8_0, Q4_K, ...) are dequantized one at a
+time by the `gguf` package as the model loads; the file itself stays memory-mapped.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mistral_nemo.config import NEMO_CONTEXT, ModelConfig
+from mistral_nemo.errors import CheckpointError, ConfigError
+
+ARCHITECTURE = "llama"
+# Our tensor names -> GGUF's, within a layer and for the whole model.
+_LAYER_NAMES = {
+    "attention.wq.weight": "attn_q.weight",
+    "attention.wk.weight": "attn_k.weight",
+    "attention.wv.weight": "attn_v.weight",
+    "attention.wo.weight": "attn_output.weight",
+    "attention_norm.weight": "attn_norm.weight",
+    "ffn_norm.weight": "ffn_norm.weight",
+    "feed_forward.w1.weight": "ffn_gate.weight",
+    "feed_forward.w2.weight": "ffn_down.weight",
+    "feed_forward.w3.weight": "ffn_up.weight",
+}
+_GLOBAL_NAMES = {
+    "tok_embeddings.weight": "token_embd.weight",
+    "norm.weight": "output_norm.weight",
+    "output.weight": "output.weight",
+}
+_OURS_BY_GGUF_LAYER = {g: ours for ours, g in _LAYER_NAMES.items()}
+_OURS_BY_GGUF_GLOBAL = {g: ours for ours, g in _GLOBAL_NAMES.items()}
+# Non-weight tensors llama.cpp's converter may add; the model does not use them.
+_IGNORED = ("rope_freqs.weight",)
+
+
+def gguf_name(name: str) -> str:
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
+    if m:
+        return f"blk.{m[1]}.{_LAYER_NAMES[m[2]]}"
+    return _GLOBAL_NAMES[name]
+
+
+def our_name(name: str) -> str | None:
+    m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
+    if m:
+        ours = _OURS_BY_GGUF_LAYER.get(m[2])
+        return None if ours is None else f"layers.{m[1]}.{ours}"
+    return _OURS_BY_GGUF_GLOBAL.get(name)
+
+
+def is_gguf(path: str | Path) -> bool:
+    path = Path(path)
+    if path.suffix == ".gguf":
+        return True
+    if not path.is_file():
+        return False
+    with path.open("rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+class GGUFFile:
+    """An opened GGUF file: metadata by key and tensors by GGUF name (memory-mapped)."""
+
+    def __init__(self, path: str | Path) -> None:
+        import gguf
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"{self.path}: no such file")
+        try:
+            # Copy-on-write: numpy views are writable (torch wants that), the file never is.
+            self.reader = gguf.GGUFReader(self.path, "c")
+        except (ValueError, OSError, IndexError, KeyError, AssertionError) as e:
+            raise CheckpointError(f"{self.path}: not a readable GGUF file ({e})") from None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        field = self.reader.fields.get(key)
+        if field is None:
+            return default
+        return field.contents()
+
+    def require(self, key: str) -> Any:
+        value = self.get(key)
+        if value is None:
+            raise ConfigError(f"{self.path}: GGUF metadata lacks {key!r}")
+        return value
+
+    @cached_property
+    def tensors(self) -> dict[str, Any]:
+        return {t.name: t for t in self.reader.tensors}
+
+    def config(self) -> ModelConfig:
+        arch = self.get("general.architecture")
+        if arch != ARCHITECTURE:
+            raise ConfigError(
+                f"{self.path}: GGUF architecture {arch!r} is not supported "
+                f"(only {ARCHITECTURE!r}, which llama.cpp uses for Mistral NeMo)"
+            )
+        a = ARCHITECTURE
+        scaling = self.get(f"{a}.rope.scaling.type", "none")
+        if scaling not in ("none", None):
+            raise ConfigError(f"{self.path}: RoPE scaling {scaling!r} is not supported")
+        dim = int(self.require(f"{a}.embedding_length"))
+        heads = int(self.require(f"{a}.attention.head_count"))
+        kv_heads = self.get(f"{a}.attention.head_count_kv", heads)
+        if isinstance(kv_heads, list):
+            raise ConfigError(f"{self.path}: a KV head count per layer is not supported")
+        tokens = self.get("tokenizer.ggml.tokens")
+        embedding = self.tensors.get("token_embd.weight")
+        vocab = self.get(f"{a}.vocab_size") or (
+            len(tokens) if tokens else embedding is not None and int(embedding.shape[1])
+        )
+        return ModelConfig(
+            dim=dim,
+            n_layers=int(self.require(f"{a}.block_count")),
+            n_heads=heads,
+            n_kv_heads=int(kv_heads),
+            head_dim=int(self.get(f"{a}.attention.key_length") or dim // heads),
+            hidden_dim=int(self.require(f"{a}.feed_forward_length")),
+            vocab_size=int(vocab),
+            rope_theta=float(self.get(f"{a}.rope.freq_base", 10_000.0)),
+            norm_eps=float(self.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
+            max_seq_len=min(int(self.get(f"{a}.context_length", NEMO_CONTEXT)), NEMO_CONTEXT),
+            tie_embeddings="output.weight" not in self.tensors,
+            bos_id=int(self.get("tokenizer.ggml.bos_token_id", 1)),
+            eos_id=int(self.get("tokenizer.ggml.eos_token_id", 2)),
+        )
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    """One tensor of a GGUF file, dequantized to float32 (or kept as F16/BF16) on `load`."""
+
+    file: Path
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    source: Any  # gguf.ReaderTensor
+
+    def load(self) -> torch.Tensor:
+        from gguf import GGMLQuantizationType as Q
+        from gguf.quants import dequantize
+
+        kind, data = self.source.tensor_type, self.source.data
+        try:
+            if kind == Q.BF16:
+                t = torch.from_numpy(np.asarray(data).view(np.int16)).view(torch.bfloat16)
+            elif kind in (Q.F32, Q.F16):
+                t = torch.from_numpy(np.asarray(data))
+            else:
+                t = torch.from_numpy(dequantize(data, kind))
+        except (NotImplementedError, ValueError) as e:
+            raise CheckpointError(f"{self.file}: cannot read tensor {self.name!r}: {e}") from None
+        return t.reshape(self.shape)
+
+
+def gguf_tensors(file: GGUFFile) -> dict[str, GGUFTensor]:
+    """Tensors of the file by our name, each with the shape and dtype `load` gives."""
+    from gguf import GGMLQuantizationType as Q
+
+    dtypes = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
+    out = {}
+    for name, t in file.tensors.items():
+        ours = our_name(name)
+        if ours is None:
+            if name in _IGNORED:
+                continue
+            raise CheckpointError(f"{file.path}: unexpected tensor {name!r}")
+        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims innermost first
+        dtype = dtypes.get(t.tensor_type, torch.float32)
+        out[ours] = GGUFTensor(file.path, name, dtype, shape, t)
+    return out
+
+
+# -- writing -------------------------------------------------------------------------------
+
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+def write_gguf(
+    dst: str | Path,
+    config: ModelConfig,
+    tensors: dict[str, tuple[tuple[int, ...], Callable[[], torch.Tensor]]],
+    tensor_type: str,
+    add_metadata: Callable[[Any], None],
+    on_tensor: Callable[[str], None] = lambda _: None,
+) -> None:
+    """Write a llama-architecture GGUF from tensors in our layout, one at a time, into a
+    temporary file renamed to `dst` once complete. 1-D tensors (norms) stay float32, as
+    llama.cpp wants; the others take `tensor_type`. `add_metadata` adds the tokenizer keys."""
+    import gguf
+
+    if tensor_type not in GGUF_TYPES:
+        raise CheckpointError(f"unknown GGUF type {tensor_type!r}; choose from {GGUF_TYPES}")
+    dst = Path(dst)
+    if dst.exists():
+        raise CheckpointError(f"{dst}: already exists; choose a new output path")
+    kind = gguf.GGMLQuantizationType[tensor_type.upper()]
+    file_types = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}  # llama_ftype
+
+    writer = gguf.GGUFWriter(path=None, arch=ARCHITECTURE)
+    writer.add_block_count(config.n_layers)
+    writer.add_context_length(config.max_seq_len)
+    writer.add_embedding_length(config.dim)
+    writer.add_feed_forward_length(config.hidden_dim)
+    writer.add_head_count(config.n_heads)
+    writer.add_head_count_kv(config.n_kv_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(file_types[tensor_type])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    add_metadata(writer)
+
+    plan = []
+    for name, (shape, produce) in tensors.items():
+        if config.tie_embeddings and name == "output.weight":
+            continue
+        t_kind = kind if len(shape) > 1 else gguf.GGMLQuantizationType.F32
+        if t_kind == gguf.GGMLQuantizationType.Q8_0 and shape[-1] % 32:
+            t_kind = gguf.GGMLQuantizationType.F16
+        block, type_size = gguf.GGML_QUANT_SIZES[t_kind]
+        nbytes = int(np.prod(shape[:-1], dtype=np.int64)) * shape[-1] // block * type_size
+        writer.add_tensor_info(
+            gguf_name(name), shape, np.dtype(np.float32), nbytes, raw_dtype=t_kind
+        )
+        plan.append((name, produce, t_kind))
+
+    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        writer.write_header_to_file(tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for name, produce, t_kind in plan:
+            writer.write_tensor_data(_encode(produce(), t_kind))
+            on_tensor(name)
+        writer.close()
+        tmp.rename(dst)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _encode(t: torch.Tensor, kind: Any) -> np.ndarray:
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    t = t.detach().cpu()
+    if kind == Q.BF16:
+        return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8)
+    if kind == Q.F16:
+        return t.to(torch.float16).numpy()
+    if kind == Q.F32:
+        return t.to(torch.float32).numpy()
+    return gguf.quants.quantize(t.to(torch.float32).numpy(), kind)
