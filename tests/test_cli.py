@@ -95,3 +95,25 @@ def test_generate_chat_mode(tmp_path, capsys):
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     )
     assert code == 0 and f"[{len(expected)} prompt tokens, 4 generated" in err
+
+
+def test_no_model_means_the_demo_model(capsys):
+    code = main(
+        ["generate", "--chat", "--prompt", "What is the capital of France?", "--temperature", "0"]
+    )
+    out = capsys.readouterr()
+    assert code == 0
+    assert "demo model: SmolLM2-135M-Instruct" in out.err
+    assert "Paris" in out.out  # a real model answers
+
+
+def test_model_flag_and_gguf_export(tmp_path, capsys):
+    main(["init-random", str(tmp_path / "m"), "--dtype", "fp32"])
+    gguf = tmp_path / "m.gguf"
+    assert main(["convert", str(tmp_path / "m"), str(gguf), "--to", "gguf", "--type", "q8_0"]) == 0
+    capsys.readouterr()
+    argv = ["generate", "--prompt", "Hi", "--max-tokens", "4", "--temperature", "0", "--model"]
+    assert main([*argv, str(gguf)]) == 0
+    assert "4 generated" in capsys.readouterr().err
+    assert main(["convert", str(gguf), str(tmp_path / "back"), "--to", "hf"]) == 1
+    assert "GGUF file to a checkpoint folder is not supported" in capsys.readouterr().err
