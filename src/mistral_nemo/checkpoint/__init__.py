@@ -277,14 +277,17 @@ def load_model(
         parent, _, attr = name.removesuffix(".weight").rpartition(".")
         if ckpt.quant is not None and is_linear_weight(name):
             setattr(model.get_submodule(parent), attr, ckpt.load_quantized(name, device))
-        elif quantize and is_linear_weight(name) and not ckpt.config.tie_embeddings:
+        elif quantize and is_linear_weight(name):
             weight = ckpt.load(name, device=device)
             layer = quantize_linear(weight, quantize, group_size)
             setattr(model.get_submodule(parent), attr, layer)
             del weight
         else:
             state[name] = ckpt.load(name, dtype, device)
-    if ckpt.config.tie_embeddings:
+    if ckpt.config.tie_embeddings and quantize:
+        # The LM head reads the whole table every token: a quantized copy of it pays.
+        model.output = quantize_linear(state["tok_embeddings.weight"], quantize, group_size)
+    elif ckpt.config.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     assert not unexpected and all(not t.is_meta for t in model.state_dict().values()), missing

@@ -146,7 +146,7 @@ def gemv_int4(
 ) -> torch.Tensor:
     """Int4 weights (packed [rows, cols/2], (scale, zero) bf16 [rows, groups, 2]) @ x.
 
-    With groups of 128 on VNNI machines, x is quantized to int8 per group for the products
+    On VNNI machines, x is quantized to int8 per group for the products
     (as llama.cpp does on CPUs); otherwise the products are in bf16.
     """
     rows, cols = packed.shape[0], packed.shape[1] * 2
@@ -155,8 +155,8 @@ def gemv_int4(
 
 
 def gemv_int8(weight: torch.Tensor, row_scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Int8 weights [rows, cols] (cols a multiple of 128) times fp32 row scales @ x, with x
-    quantized to int8 per group of 128 for the VNNI products."""
+    """Int8 weights [rows, cols] times fp32 row scales @ x, with x quantized to int8 per
+    group of 128 columns for the VNNI products."""
     rows, cols = weight.shape
     xb = x.to(torch.bfloat16).contiguous()
     return _run("gemv_int8", rows, [weight, xb, row_scale], [rows, cols])

@@ -169,29 +169,42 @@ static float dot_int4(const uint8_t *w, const uint16_t *x, const uint16_t *sz,
 }
 
 #if defined(__AVX512VNNI__)
-/* int4 x int8 for groups of 128: x quantized to int8 per group (as llama.cpp does for its
- * CPU dot products), 128 products per pair of VNNI instructions. `xq` holds the even
- * columns of x, then the odd ones, to match the low and high nibbles of 64 weight bytes. */
+/* int4 x int8: x quantized to int8 per group (as llama.cpp does for its CPU dot products),
+ * 128 products per pair of VNNI instructions. `xq` holds the even columns of x, then the
+ * odd ones, to match the low and high nibbles of 64 weight bytes. Lane i of the 32-bit sums
+ * covers columns 8i..8i+7 of a 128-column block, so groups of 32 or 64 get their scales by
+ * a lane permutation. A last block of fewer than 128 columns is masked. */
 static float dot_int4_vnni(const uint8_t *w, const int8_t *xq, const float *xs,
-                           const float *xqsum, const uint16_t *sz, const float *xsum, long n) {
+                           const float *xqsum, const uint16_t *sz, const float *xsum, long n,
+                           long group) {
     const int8_t *xe = xq, *xo = xq + n / 2;
     const __m512i low4 = _mm512_set1_epi8(15);
+    const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i lane_group = _mm512_srli_epi32(_mm512_slli_epi32(iota, 3), __builtin_ctzl(group));
+    const long per_block = 128 / group;
     __m512 total = _mm512_setzero_ps();
-    long groups = n / 128;
-    for (long g = 0; g < groups; g++) {
-        __m512i b = _mm512_loadu_si512(w + g * 64);
+    for (long c = 0; c < n; c += 128) {
+        long bytes = n - c >= 128 ? 64 : (n - c) / 2;
+        __mmask64 m = bytes == 64 ? ~0ULL : (1ULL << bytes) - 1;
+        __m512i b = _mm512_maskz_loadu_epi8(m, w + c / 2);
         __m512i lo = _mm512_and_si512(b, low4);
         __m512i hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low4);
         __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo,
-                                          _mm512_loadu_si512(xe + g * 64));
-        acc = _mm512_dpbusd_epi32(acc, hi, _mm512_loadu_si512(xo + g * 64));
-        total = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc),
-                                _mm512_set1_ps(bf16_to_f32(sz[2 * g]) * xs[g]), total);
+                                          _mm512_maskz_loadu_epi8(m, xe + c / 2));
+        acc = _mm512_dpbusd_epi32(acc, hi, _mm512_maskz_loadu_epi8(m, xo + c / 2));
+        long g0 = c / group, ng = (n - c) / group < per_block ? (n - c) / group : per_block;
+        __mmask16 gm = (__mmask16)((1u << ng) - 1);
+        /* (scale, zero) bf16 pairs as 32-bit words: the scale is the low half */
+        __m512 scale = _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_maskz_loadu_epi32(gm, sz + 2 * g0), 16));
+        __m512 f = _mm512_mul_ps(scale, _mm512_maskz_loadu_ps(gm, xs + g0));
+        total = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_permutexvar_ps(lane_group, f),
+                                total);
     }
     /* scale * xs * (sum(q xq) - 8 sum(xq)): the activations' rounding errors are weighted by
      * the centred q - 8, not by q (mean 7.5), which would amplify them about 3x. */
     float out = _mm512_reduce_add_ps(total);
-    for (long g = 0; g < groups; g++)
+    for (long g = 0; g < n / group; g++)
         out += bf16_to_f32(sz[2 * g + 1]) * xsum[g] -
                8.f * bf16_to_f32(sz[2 * g]) * xs[g] * xqsum[g];
     return out;
@@ -205,13 +218,17 @@ static float dot_int4_vnni(const uint8_t *w, const int8_t *xq, const float *xs,
 static float dot_int8_vnni(const int8_t *w, const int8_t *xq, const float *xs, long n) {
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     __m512 total = _mm512_setzero_ps();
-    for (long g = 0; g < n / 128; g++) {
+    for (long g = 0; g * 128 < n; g++) { /* a last group of fewer than 128 is masked */
         const int8_t *wg = w + g * 128, *xg = xq + g * 128;
+        long r = n - g * 128;
+        __mmask64 m0 = r >= 64 ? ~0ULL : (1ULL << r) - 1;
+        __mmask64 m1 = r >= 128 ? ~0ULL : r > 64 ? (1ULL << (r - 64)) - 1 : 0;
         __m512i acc = _mm512_dpbusd_epi32(
-            _mm512_setzero_si512(), _mm512_xor_si512(_mm512_loadu_si512(wg), flip),
-            _mm512_loadu_si512(xg));
-        acc = _mm512_dpbusd_epi32(acc, _mm512_xor_si512(_mm512_loadu_si512(wg + 64), flip),
-                                  _mm512_loadu_si512(xg + 64));
+            _mm512_setzero_si512(), _mm512_xor_si512(_mm512_maskz_loadu_epi8(m0, wg), flip),
+            _mm512_maskz_loadu_epi8(m0, xg));
+        acc = _mm512_dpbusd_epi32(
+            acc, _mm512_xor_si512(_mm512_maskz_loadu_epi8(m1, wg + 64), flip),
+            _mm512_maskz_loadu_epi8(m1, xg + 64));
         total = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(xs[g]), total);
     }
     return _mm512_reduce_add_ps(total);
@@ -242,8 +259,8 @@ static void *run(void *arg) {
                 const uint16_t *sz = j->sz + r * (j->cols / j->group) * 2;
 #if defined(__AVX512VNNI__)
                 if (j->xq != NULL) {
-                    j->out[r] = dot_int4_vnni(w, j->xq, j->xs, j->xs + j->cols / 128, sz,
-                                              j->xsum, j->cols);
+                    j->out[r] = dot_int4_vnni(w, j->xq, j->xs, j->xs + j->cols / j->group, sz,
+                                              j->xsum, j->cols, j->group);
                     continue;
                 }
 #endif
@@ -286,8 +303,8 @@ void gemv(const void *w, const void *x, float *out, long rows, long cols, int ki
     run_threads(&job, threads);
 }
 
-/* out = int4 weights @ x (bf16). Sums x per group first and, for groups of 128 on VNNI
- * machines, quantizes x to int8 per group (even columns, then odd ones). */
+/* out = int4 weights @ x (bf16). Sums x per group first and, on VNNI machines, quantizes
+ * x to int8 per group (even columns, then odd ones). */
 void gemv_int4(const uint8_t *w, const uint16_t *x, const uint16_t *sz, float *out, long rows,
                long cols, long group, int threads) {
     long groups = cols / group;
@@ -305,7 +322,7 @@ void gemv_int4(const uint8_t *w, const uint16_t *x, const uint16_t *sz, float *o
         xs[g] = amax > 0.f ? amax / 127.f : 1.f;
     }
 #if defined(__AVX512VNNI__)
-    if (group == 128) {
+    {
         xq = malloc(cols);
         for (long g = 0; g < groups; g++) xs[groups + g] = 0.f;
         for (long c = 0; c < cols; c++) {
@@ -323,21 +340,22 @@ void gemv_int4(const uint8_t *w, const uint16_t *x, const uint16_t *sz, float *o
 }
 
 #if defined(__AVX512VNNI__)
-/* out = row_scale * (int8 weights @ x (bf16)), cols a multiple of 128: x is quantized to
- * int8 per group of 128 (about 0.4% error, as llama.cpp's CPU dot products do). */
+/* out = row_scale * (int8 weights @ x (bf16)): x is quantized to int8 per group of 128
+ * columns (about 0.4% error, as llama.cpp's CPU dot products do). */
 void gemv_int8(const int8_t *w, const uint16_t *x, const float *row_scale, float *out,
                long rows, long cols, int threads) {
-    long groups = cols / 128;
+    long groups = (cols + 127) / 128;
     float *xs = malloc(sizeof(float) * groups);
     int8_t *xq = malloc(cols);
     float shift = 0.f;
     for (long g = 0; g < groups; g++) {
+        long end = (g + 1) * 128 < cols ? (g + 1) * 128 : cols;
         float amax = 0.f;
-        for (long c = g * 128; c < (g + 1) * 128; c++)
+        for (long c = g * 128; c < end; c++)
             amax = fabsf(bf16_to_f32(x[c])) > amax ? fabsf(bf16_to_f32(x[c])) : amax;
         xs[g] = amax > 0.f ? amax / 127.f : 1.f;
         long sum = 0;
-        for (long c = g * 128; c < (g + 1) * 128; c++) {
+        for (long c = g * 128; c < end; c++) {
             float v = nearbyintf(bf16_to_f32(x[c]) / xs[g]);
             xq[c] = (int8_t)(v > 127.f ? 127.f : v < -127.f ? -127.f : v);
             sum += xq[c];

@@ -145,7 +145,6 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
             x.numel() == self.in_features
-            and self.in_features % 128 == 0
             and x.device.type == "cpu"
             and kernels.available(kernels.INT8)
         ):
