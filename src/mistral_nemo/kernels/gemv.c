@@ -175,14 +175,15 @@ static float dot_int4(const uint8_t *w, const uint16_t *x, const uint16_t *sz,
  * covers columns 8i..8i+7 of a 128-column block, so groups of 32 or 64 get their scales by
  * a lane permutation. A last block of fewer than 128 columns is masked. */
 static float dot_int4_vnni(const uint8_t *w, const int8_t *xq, const float *xs,
-                           const float *xqsum, const uint16_t *sz, const float *xsum, long n,
+                           const float *xsq, const uint16_t *sz, const float *xsum, long n,
                            long group) {
     const int8_t *xe = xq, *xo = xq + n / 2;
     const __m512i low4 = _mm512_set1_epi8(15);
     const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     const __m512i lane_group = _mm512_srli_epi32(_mm512_slli_epi32(iota, 3), __builtin_ctzl(group));
+    const __m512i high16 = _mm512_set1_epi32((int)0xFFFF0000);
     const long per_block = 128 / group;
-    __m512 total = _mm512_setzero_ps();
+    __m512 total = _mm512_setzero_ps(), fixed = _mm512_setzero_ps();
     for (long c = 0; c < n; c += 128) {
         long bytes = n - c >= 128 ? 64 : (n - c) / 2;
         __mmask64 m = bytes == 64 ? ~0ULL : (1ULL << bytes) - 1;
@@ -194,20 +195,19 @@ static float dot_int4_vnni(const uint8_t *w, const int8_t *xq, const float *xs,
         acc = _mm512_dpbusd_epi32(acc, hi, _mm512_maskz_loadu_epi8(m, xo + c / 2));
         long g0 = c / group, ng = (n - c) / group < per_block ? (n - c) / group : per_block;
         __mmask16 gm = (__mmask16)((1u << ng) - 1);
-        /* (scale, zero) bf16 pairs as 32-bit words: the scale is the low half */
-        __m512 scale = _mm512_castsi512_ps(
-            _mm512_slli_epi32(_mm512_maskz_loadu_epi32(gm, sz + 2 * g0), 16));
+        /* the groups' (scale, zero) bf16 pairs as 32-bit words: the scale is the low half */
+        __m512i pairs = _mm512_maskz_loadu_epi32(gm, sz + 2 * g0);
+        __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+        __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pairs, high16));
         __m512 f = _mm512_mul_ps(scale, _mm512_maskz_loadu_ps(gm, xs + g0));
         total = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_permutexvar_ps(lane_group, f),
                                 total);
+        /* zero * sum(x) - 8 scale * xs * sum(xq) per group: the activations' rounding errors
+         * are weighted by the centred q - 8, not by q (mean 7.5, about 3x more error) */
+        fixed = _mm512_fmadd_ps(zero, _mm512_maskz_loadu_ps(gm, xsum + g0), fixed);
+        fixed = _mm512_fnmadd_ps(scale, _mm512_maskz_loadu_ps(gm, xsq + g0), fixed);
     }
-    /* scale * xs * (sum(q xq) - 8 sum(xq)): the activations' rounding errors are weighted by
-     * the centred q - 8, not by q (mean 7.5), which would amplify them about 3x. */
-    float out = _mm512_reduce_add_ps(total);
-    for (long g = 0; g < n / group; g++)
-        out += bf16_to_f32(sz[2 * g + 1]) * xsum[g] -
-               8.f * bf16_to_f32(sz[2 * g]) * xs[g] * xqsum[g];
-    return out;
+    return _mm512_reduce_add_ps(_mm512_add_ps(total, fixed));
 }
 #endif
 
@@ -284,18 +284,86 @@ int gemv_vectorized(int kind) {
     return 0;
 }
 
+/* A pool of worker threads, started once: a decode step makes a few hundred calls, and
+ * starting threads for each cost more than the small products themselves. Workers spin on
+ * the job counter for a while (the next call usually comes within microseconds), then
+ * sleep on a condition variable. */
+enum { MAX_THREADS = 64, SPIN = 200000 };
+static pthread_mutex_t call_lock = PTHREAD_MUTEX_INITIALIZER; /* one job at a time */
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_wake = PTHREAD_COND_INITIALIZER;
+static job_t *pool_job;
+static long pool_serial;  /* bumped for every job */
+static int pool_wanted;   /* workers that should take part in the current job */
+static int pool_started;
+static int pool_busy;     /* workers still on the current job */
+static long pool_first_serial[MAX_THREADS]; /* the serial before a worker's first job */
+
+static void *worker(void *arg) {
+    int id = (int)(long)arg;
+    long seen = pool_first_serial[id];
+    for (;;) {
+        long serial;
+        int spins = 0;
+        while ((serial = __atomic_load_n(&pool_serial, __ATOMIC_ACQUIRE)) == seen &&
+               spins++ < SPIN)
+            __builtin_ia32_pause();
+        if (serial == seen) {
+            pthread_mutex_lock(&pool_lock);
+            while ((serial = __atomic_load_n(&pool_serial, __ATOMIC_ACQUIRE)) == seen)
+                pthread_cond_wait(&pool_wake, &pool_lock);
+            pthread_mutex_unlock(&pool_lock);
+        }
+        seen = serial;
+        if (id < __atomic_load_n(&pool_wanted, __ATOMIC_ACQUIRE)) {
+            run(__atomic_load_n(&pool_job, __ATOMIC_ACQUIRE));
+            __atomic_fetch_sub(&pool_busy, 1, __ATOMIC_ACQ_REL);
+        }
+    }
+    return NULL;
+}
+
+static void forget_pool(void);
+static void register_fork_handler(void) { pthread_atfork(NULL, NULL, forget_pool); }
+
+static void forget_pool(void) { /* in a forked child, which has none of the workers */
+    pthread_mutex_init(&call_lock, NULL);
+    pthread_mutex_init(&pool_lock, NULL);
+    pthread_cond_init(&pool_wake, NULL);
+    pool_started = pool_busy = 0;
+}
+
 static void run_threads(job_t *job, int threads) {
-    enum { MAX_THREADS = 64 };
-    pthread_t tid[MAX_THREADS];
-    char joinable[MAX_THREADS] = {0};
     long chunks = (job->rows + CHUNK - 1) / CHUNK;
     if (threads > chunks) threads = (int)chunks;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
-    for (int t = 1; t < threads; t++) /* the calling thread works too */
-        joinable[t] = pthread_create(&tid[t], NULL, run, job) == 0;
-    run(job);
-    for (int t = 1; t < threads; t++)
-        if (joinable[t]) pthread_join(tid[t], NULL);
+    if (threads <= 1) {
+        run(job);
+        return;
+    }
+    pthread_mutex_lock(&call_lock);
+    pthread_mutex_lock(&pool_lock);
+    while (pool_started < threads - 1) {
+        if (pool_started == 0) {
+            static pthread_once_t once_fork = PTHREAD_ONCE_INIT;
+            pthread_once(&once_fork, register_fork_handler);
+        }
+        pthread_t tid;
+        pool_first_serial[pool_started] = pool_serial;
+        if (pthread_create(&tid, NULL, worker, (void *)(long)pool_started) != 0) break;
+        pthread_detach(tid);
+        pool_started++;
+    }
+    int helpers = threads - 1 < pool_started ? threads - 1 : pool_started;
+    pool_job = job;
+    pool_wanted = helpers;
+    pool_busy = helpers;
+    __atomic_fetch_add(&pool_serial, 1, __ATOMIC_RELEASE);
+    pthread_cond_broadcast(&pool_wake);
+    pthread_mutex_unlock(&pool_lock);
+    run(job); /* the calling thread works too */
+    while (__atomic_load_n(&pool_busy, __ATOMIC_ACQUIRE) > 0) __builtin_ia32_pause();
+    pthread_mutex_unlock(&call_lock);
 }
 
 void gemv(const void *w, const void *x, float *out, long rows, long cols, int kind, int threads) {
@@ -309,7 +377,7 @@ void gemv_int4(const uint8_t *w, const uint16_t *x, const uint16_t *sz, float *o
                long cols, long group, int threads) {
     long groups = cols / group;
     float *xsum = malloc(sizeof(float) * 3 * groups);
-    float *xs = xsum + groups; /* then the sums of xq per group */
+    float *xs = xsum + groups; /* then 8 xs sum(xq) per group */
     int8_t *xq = NULL;
     for (long g = 0; g < groups; g++) {
         float sum = 0.f, amax = 0.f;
@@ -331,6 +399,7 @@ void gemv_int4(const uint8_t *w, const uint16_t *x, const uint16_t *sz, float *o
             xq[(c & 1) * (cols / 2) + c / 2] = (int8_t)v;
             xs[groups + c / group] += v;
         }
+        for (long g = 0; g < groups; g++) xs[groups + g] *= 8.f * xs[g];
     }
 #endif
     job_t job = {w, x, out, rows, cols, 3, 0, sz, xsum, group, xq, xs, NULL, 0.f};
