@@ -155,6 +155,91 @@ def test_smollm2_greedy_agrees_with_llama_cpp(smollm2):
     assert identical >= 2
 
 
+def vocab_only_gguf(src: Path, pre: str, path: Path) -> Path:
+    """A GGUF with `src`'s vocabulary and merges under another pre-tokenizer, no tensors."""
+    import gguf
+
+    from mistral_nemo.checkpoint.gguf_file import GGUFFile
+
+    meta = GGUFFile(src)
+    w = gguf.GGUFWriter(path, "llama")
+    for key in ("block_count", "context_length", "embedding_length", "feed_forward_length"):
+        w.add_uint32(f"llama.{key}", meta.get(f"llama.{key}"))
+    for key in ("head_count", "head_count_kv"):
+        w.add_uint32(f"llama.attention.{key}", meta.get(f"llama.attention.{key}"))
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(meta.get("tokenizer.ggml.tokens"))
+    w.add_token_types(meta.get("tokenizer.ggml.token_type"))
+    w.add_token_merges(meta.get("tokenizer.ggml.merges"))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "gpt-2"])
+def test_other_pre_tokenizers_match_llama_cpp(smollm2, pre, tmp_path):
+    """Llama 3's pre-tokenizer (with whole-word lookups before merging) and GPT-2's, on
+    SmolLM2's vocabulary: the splitting rules are what is under test."""
+    path = vocab_only_gguf(smollm2, pre, tmp_path / f"{pre}.gguf")
+    tok = load_tokenizer(path)
+    ll = llama(path, vocab_only=True)
+    mismatches = [t for t in CORPUS if tok.encode(t) != ll.tokenize(t.encode(), False, False)]
+    assert not mismatches, mismatches[:3]
+
+
+@pytest.fixture(scope="module")
+def quantized_by_llama_cpp(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A random model 256 wide (K-quants need rows of 256), exported as f32 and quantized
+    by llama.cpp's own quantizer."""
+    import ctypes
+
+    from mistral_nemo.checkpoint.random_init import init_random
+
+    root = tmp_path_factory.mktemp("kquants")
+    config = ModelConfig(
+        dim=256, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64, hidden_dim=512,
+        vocab_size=131072,
+    )  # fmt: skip
+    init_random(root / "m", config, "mistral", seed=3, dtype=torch.float32)
+    out = {"F32": root / "m-f32.gguf"}
+    export_gguf(root / "m", out["F32"], "f32")
+    for name in ("Q4_0", "Q4_1", "Q4_K_M", "Q5_K_M", "Q6_K"):
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}")
+        out[name] = root / f"m-{name}.gguf"
+        rc = llama_cpp.llama_model_quantize(
+            str(out["F32"]).encode(), str(out[name]).encode(), ctypes.byref(params)
+        )
+        assert rc == 0
+    return out
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q4_K_M", "Q5_K_M", "Q6_K"])
+def test_quantized_types_compute_llama_cpps_model(quantized_by_llama_cpp, name):
+    """Dequantized by the gguf package, a llama.cpp-quantized file gives logits far closer
+    to llama.cpp's on that file than to the unquantized model's: the same quantized model.
+    (What remains is llama.cpp rounding activations to 8 bits for its dot products.)"""
+    from mistral_nemo.checkpoint import open_checkpoint
+
+    path = quantized_by_llama_cpp[name]
+    kinds = {t.info.kind.name for t in open_checkpoint(path).tensors.values()}
+    assert name.split("_M")[0] in kinds
+    tok = load_tokenizer(path)
+    ids = tok.encode("def f(x):\n    return x**2  # some words to make it longer", bos=True)
+    with torch.no_grad():
+        exact = Transformer.from_pretrained(quantized_by_llama_cpp["F32"])(torch.tensor([ids]))
+        ours = Transformer.from_pretrained(path)(torch.tensor([ids]))
+    to_llama_cpp = np.abs(ours[0].numpy() - llama_logits(path, ids)).max()
+    to_exact = (ours - exact).abs().max().item()
+    assert to_llama_cpp < 0.15 and to_llama_cpp < to_exact
+
+
 # -- export --------------------------------------------------------------------------------
 
 
