@@ -96,6 +96,25 @@ def test_quantize_on_load(tiny_mistral, scheme):
     assert len(out[0].outputs[0].token_ids) == 4
 
 
+@pytest.mark.parametrize("scheme", ["fp8", "fp8-channel", "int8", "int4"])
+def test_fused_projections_change_nothing_but_speed(tiny_mistral, scheme):
+    model = Transformer.from_pretrained(tiny_mistral, quantize=scheme, group_size=32)
+    attention, ffn = model.layers[0].attention, model.layers[0].feed_forward
+    assert attention.wqkv is not None and ffn.w13 is not None  # fused while loading
+    # The separate layers are views of the fused ones: no memory added.
+    assert attention.wk.weight.untyped_storage().data_ptr() == (
+        attention.wqkv.weight.untyped_storage().data_ptr()
+    )
+    tokens = torch.randint(1000, 131072, (1, 6), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        fused = [model(tokens), model(tokens[:, :1])]
+        for block in model.layers:
+            block.attention.wqkv = block.feed_forward.w13 = None
+        separate = [model(tokens), model(tokens[:, :1])]
+    for a, b in zip(fused, separate, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_scheme():
     with pytest.raises(ConfigError, match="unknown quantization scheme 'int3'"):
         quantize_linear(weight(), "int3")

@@ -8,7 +8,7 @@ mapped onto it in `mistral_nemo.checkpoint`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -142,6 +142,10 @@ class Attention(nn.Module):
         self.wk = Linear(config.dim, config.n_kv_heads * config.head_dim)
         self.wv = Linear(config.dim, config.n_kv_heads * config.head_dim)
         self.wo = Linear(config.n_heads * config.head_dim, config.dim)
+        self.wqkv: nn.Module | None = None  # see Transformer.fuse_projections
+        self.qkv_sizes = [config.n_heads * config.head_dim] + [
+            config.n_kv_heads * config.head_dim
+        ] * 2
 
     def forward(
         self,
@@ -152,9 +156,13 @@ class Attention(nn.Module):
         layer: int,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q = apply_rope(self.wq(x).view(b, t, self.n_heads, self.head_dim), freqs)
-        k = apply_rope(self.wk(x).view(b, t, self.n_kv_heads, self.head_dim), freqs)
-        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim)
+        if self.wqkv is not None:
+            q, k, v = self.wqkv(x).split(self.qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = apply_rope(q.view(b, t, self.n_heads, self.head_dim), freqs)
+        k = apply_rope(k.view(b, t, self.n_kv_heads, self.head_dim), freqs)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is None:
             out = causal_attention(q, k, v, start)
@@ -171,8 +179,12 @@ class FeedForward(nn.Module):
         self.w1 = Linear(config.dim, config.hidden_dim)
         self.w2 = Linear(config.hidden_dim, config.dim)
         self.w3 = Linear(config.dim, config.hidden_dim)
+        self.w13: nn.Module | None = None  # see Transformer.fuse_projections
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w13 is not None:
+            gate, up = self.w13(x).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -257,6 +269,16 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x))
+
+    def fuse_projections(self) -> None:
+        """Stack q/k/v and gate/up of quantized layers into one product each (for inference:
+        fewer, larger products; the separate layers keep views, so memory is unchanged)."""
+        from mistral_nemo.quant import fuse_rows
+
+        for block in self.layers:
+            attn, ffn = cast(Block, block).attention, cast(Block, block).feed_forward
+            attn.wqkv = fuse_rows([attn.wq, attn.wk, attn.wv])
+            ffn.w13 = fuse_rows([ffn.w1, ffn.w3])
 
     @classmethod
     def from_pretrained(

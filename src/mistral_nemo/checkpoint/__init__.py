@@ -286,11 +286,14 @@ def load_model(
             state[name] = ckpt.load(name, dtype, device)
     if ckpt.config.tie_embeddings and quantize:
         # The LM head reads the whole table every token: a quantized copy of it pays.
-        model.output = quantize_linear(state["tok_embeddings.weight"], quantize, group_size)
+        head = quantize_linear(state["tok_embeddings.weight"], quantize, group_size)
+        setattr(model, "output", head)  # noqa: B010 (a quantized layer, not a Linear)
     elif ckpt.config.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     assert not unexpected and all(not t.is_meta for t in model.state_dict().values()), missing
+    if quantize is not None or ckpt.quant is not None:
+        model.fuse_projections()
     return model.eval().requires_grad_(False)
 
 

@@ -150,16 +150,16 @@ def gemv_int4(
     (as llama.cpp does on CPUs); otherwise the products are in bf16.
     """
     rows, cols = packed.shape[0], packed.shape[1] * 2
-    xb = x.to(torch.bfloat16).contiguous()
-    return _run("gemv_int4", rows, [packed, xb, scales_zeros], [rows, cols, group_size])
+    xf = x.float().contiguous()
+    return _run("gemv_int4", rows, [packed, xf, scales_zeros], [rows, cols, group_size])
 
 
 def gemv_int8(weight: torch.Tensor, row_scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Int8 weights [rows, cols] times fp32 row scales @ x, with x quantized to int8 per
     group of 128 columns for the VNNI products."""
     rows, cols = weight.shape
-    xb = x.to(torch.bfloat16).contiguous()
-    return _run("gemv_int8", rows, [weight, xb, row_scale], [rows, cols])
+    xf = x.float().contiguous()
+    return _run("gemv_int8", rows, [weight, xf, row_scale], [rows, cols])
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

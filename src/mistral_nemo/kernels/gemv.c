@@ -371,47 +371,57 @@ void gemv(const void *w, const void *x, float *out, long rows, long cols, int ki
     run_threads(&job, threads);
 }
 
-/* out = int4 weights @ x (bf16). Sums x per group first and, on VNNI machines, quantizes
- * x to int8 per group (even columns, then odd ones). */
-void gemv_int4(const uint8_t *w, const uint16_t *x, const uint16_t *sz, float *out, long rows,
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+/* out = int4 weights @ x (fp32). Sums x per group first and, on VNNI machines, quantizes
+ * x to int8 per group (even columns, then odd ones); elsewhere x goes to bf16. */
+void gemv_int4(const uint8_t *w, const float *x, const uint16_t *sz, float *out, long rows,
                long cols, long group, int threads) {
     long groups = cols / group;
     float *xsum = malloc(sizeof(float) * 3 * groups);
     float *xs = xsum + groups; /* then 8 xs sum(xq) per group */
     int8_t *xq = NULL;
+    uint16_t *xb = NULL;
     for (long g = 0; g < groups; g++) {
         float sum = 0.f, amax = 0.f;
         for (long c = g * group; c < (g + 1) * group; c++) {
-            float v = bf16_to_f32(x[c]);
-            sum += v;
-            amax = fabsf(v) > amax ? fabsf(v) : amax;
+            sum += x[c];
+            amax = fabsf(x[c]) > amax ? fabsf(x[c]) : amax;
         }
         xsum[g] = sum;
         xs[g] = amax > 0.f ? amax / 127.f : 1.f;
     }
 #if defined(__AVX512VNNI__)
-    {
-        xq = malloc(cols);
-        for (long g = 0; g < groups; g++) xs[groups + g] = 0.f;
-        for (long c = 0; c < cols; c++) {
-            float v = nearbyintf(bf16_to_f32(x[c]) / xs[c / group]);
+    xq = malloc(cols);
+    for (long g = 0; g < groups; g++) {
+        float inv = 1.f / xs[g], sum = 0.f;
+        for (long c = g * group; c < (g + 1) * group; c++) {
+            float v = nearbyintf(x[c] * inv);
             v = v > 127.f ? 127.f : v < -127.f ? -127.f : v;
             xq[(c & 1) * (cols / 2) + c / 2] = (int8_t)v;
-            xs[groups + c / group] += v;
+            sum += v;
         }
-        for (long g = 0; g < groups; g++) xs[groups + g] *= 8.f * xs[g];
+        xs[groups + g] = 8.f * xs[g] * sum;
     }
+#else
+    xb = malloc(sizeof(uint16_t) * cols);
+    for (long c = 0; c < cols; c++) xb[c] = f32_to_bf16(x[c]);
 #endif
-    job_t job = {w, x, out, rows, cols, 3, 0, sz, xsum, group, xq, xs, NULL, 0.f};
+    job_t job = {w, xb, out, rows, cols, 3, 0, sz, xsum, group, xq, xs, NULL, 0.f};
     run_threads(&job, threads);
+    free(xb);
     free(xq);
     free(xsum);
 }
 
 #if defined(__AVX512VNNI__)
-/* out = row_scale * (int8 weights @ x (bf16)): x is quantized to int8 per group of 128
+/* out = row_scale * (int8 weights @ x (fp32)): x is quantized to int8 per group of 128
  * columns (about 0.4% error, as llama.cpp's CPU dot products do). */
-void gemv_int8(const int8_t *w, const uint16_t *x, const float *row_scale, float *out,
+void gemv_int8(const int8_t *w, const float *x, const float *row_scale, float *out,
                long rows, long cols, int threads) {
     long groups = (cols + 127) / 128;
     float *xs = malloc(sizeof(float) * groups);
@@ -421,11 +431,11 @@ void gemv_int8(const int8_t *w, const uint16_t *x, const float *row_scale, float
         long end = (g + 1) * 128 < cols ? (g + 1) * 128 : cols;
         float amax = 0.f;
         for (long c = g * 128; c < end; c++)
-            amax = fabsf(bf16_to_f32(x[c])) > amax ? fabsf(bf16_to_f32(x[c])) : amax;
+            amax = fabsf(x[c]) > amax ? fabsf(x[c]) : amax;
         xs[g] = amax > 0.f ? amax / 127.f : 1.f;
         long sum = 0;
         for (long c = g * 128; c < end; c++) {
-            float v = nearbyintf(bf16_to_f32(x[c]) / xs[g]);
+            float v = nearbyintf(x[c] / xs[g]);
             xq[c] = (int8_t)(v > 127.f ? 127.f : v < -127.f ? -127.f : v);
             sum += xq[c];
         }

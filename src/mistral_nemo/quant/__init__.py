@@ -42,6 +42,49 @@ def quantize_linear(weight: torch.Tensor, scheme: str, group_size: int = 128) ->
     return Int4Linear(pack_int4(q), scales_zeros, group_size)
 
 
+# The buffers of each quantized layer type that hold one entry (or row) per output.
+_ROW_BUFFERS: dict[type, tuple[str, ...]] = {
+    Int4Linear: ("weight", "scales_zeros"),
+    Int8Linear: ("weight", "weight_scale"),
+    Fp8Linear: ("weight", "weight_scale"),
+}
+
+
+def fuse_rows(layers: list[nn.Module]) -> nn.Module | None:
+    """One quantized layer computing the outputs of `layers` (which share their input)
+    stacked, or None where they cannot be stacked. Each of `layers` is left holding views of
+    the fused buffers, so no memory is added; one product replaces several (q, k and v; or
+    the gate and up projections)."""
+    kind = type(layers[0])
+    if kind not in _ROW_BUFFERS or any(type(layer) is not kind for layer in layers):
+        return None
+    fused: Int4Linear | Int8Linear | Fp8Linear
+    if int4 := [x for x in layers if isinstance(x, Int4Linear)]:
+        if len({x.group_size for x in int4}) > 1:
+            return None
+        scales = torch.cat([x.scales_zeros for x in int4]).transpose(0, 1)
+        fused = Int4Linear(torch.cat([x.weight for x in int4]), scales, int4[0].group_size)
+    elif int8 := [x for x in layers if isinstance(x, Int8Linear)]:
+        fused = Int8Linear(
+            torch.cat([x.weight for x in int8]), torch.cat([x.weight_scale for x in int8])
+        )
+    else:
+        fp8 = [x for x in layers if isinstance(x, Fp8Linear)]
+        if len({None if x.input_scale is None else float(x.input_scale) for x in fp8}) > 1:
+            return None
+        per_row = [x.weight_scale.reshape(-1).expand(x.out_features) for x in fp8]
+        fused = Fp8Linear(
+            torch.cat([x.weight for x in fp8]), torch.cat(per_row), fp8[0].input_scale
+        )
+    start = 0
+    for layer in layers:
+        end = start + int(layer.weight.shape[0])  # type: ignore[index]
+        for name in _ROW_BUFFERS[kind]:
+            setattr(layer, name, getattr(fused, name)[start:end])
+        start = end
+    return fused
+
+
 def is_linear_weight(name: str) -> bool:
     """Weights of the layers quantization applies to: attention, feed-forward, LM head."""
     return ".attention.w" in name or ".feed_forward.w" in name or name == "output.weight"
@@ -54,6 +97,7 @@ __all__ = [
     "Int4Linear",
     "Int8Linear",
     "check_scheme",
+    "fuse_rows",
     "is_linear_weight",
     "quantize_linear",
 ]
