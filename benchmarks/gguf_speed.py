@@ -29,6 +29,7 @@ FORMATS = {
     "bf16": {"dtype": torch.bfloat16},
     "int8": {"dtype": torch.float32, "quantize": "int8"},
     "int4": {"dtype": torch.float32, "quantize": "int4", "group_size": 32},
+    "int4-g64": {"dtype": torch.float32, "quantize": "int4", "group_size": 64},
 }
 
 
@@ -89,7 +90,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--gguf", default=None)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--formats", default="fp32,bf16,int8,int4")
+    parser.add_argument("--formats", default="fp32,bf16,int8,int4,int4-g64")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

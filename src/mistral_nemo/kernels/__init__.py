@@ -28,9 +28,10 @@ _SOURCE = Path(__file__).with_name("gemv.c")
 _KINDS = {torch.bfloat16: 0, torch.float32: 1, torch.float8_e4m3fn: 2}
 INT4 = 3  # kinds of the int4 and int8 kernels (their weights' dtypes say too little)
 INT8 = 4
-# Below this many weight elements, thread start-up costs more than torch's GEMV loses;
-# below this row length, per-row reductions do (a tiny model's 64-wide LM head).
-MIN_ELEMENTS = 1 << 20
+# Below this many weight elements, the call costs more than torch's GEMV loses; below this
+# row length, per-row reductions do (a tiny model's 64-wide LM head). With the worker pool,
+# a 192x576 product already gains.
+MIN_ELEMENTS = 1 << 16
 MIN_COLUMNS = 512
 
 

@@ -9,7 +9,7 @@ fallback elsewhere.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +76,18 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     return q, torch.cat(parts).transpose(0, 1).contiguous()
 
 
+def tiled_linear(
+    x: torch.Tensor, out_features: int, tile: Callable[[int, int], torch.Tensor]
+) -> torch.Tensor:
+    """x @ W.T with W dequantized `_TILE_ROWS` rows at a time by `tile(start, end)`, so that
+    the full-precision weight never exists at once."""
+    parts = [
+        F.linear(x, tile(start, min(start + _TILE_ROWS, out_features)).to(x.dtype))
+        for start in range(0, out_features, _TILE_ROWS)
+    ]
+    return torch.cat(parts, dim=-1)
+
+
 class Fp8Linear(nn.Module):
     weight: torch.Tensor
     weight_scale: torch.Tensor
@@ -97,12 +109,13 @@ class Fp8Linear(nn.Module):
         if x.numel() == self.in_features and x.device.type == "cpu" and kernels.available(FP8):
             out = kernels.gemv(w, x.reshape(-1)) * scale
             return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
-        parts = []
-        for start in range(0, self.out_features, _TILE_ROWS):
-            tile = w[start : start + _TILE_ROWS].to(x.dtype)
-            tile_scale = scale if scale.numel() == 1 else scale[start : start + _TILE_ROWS, None]
-            parts.append(F.linear(x, tile * tile_scale.to(x.dtype)))
-        return torch.cat(parts, dim=-1)
+        return tiled_linear(x, self.out_features, self._dequantize)
+
+    def _dequantize(self, start: int, end: int) -> torch.Tensor:
+        scale = self.weight_scale
+        if scale.numel() > 1:
+            scale = scale[start:end, None]
+        return self.weight[start:end].float() * scale
 
     def _scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
@@ -151,13 +164,18 @@ class Int8Linear(nn.Module):
             out = kernels.gemv_int8(self.weight, self.weight_scale, x.reshape(-1))
             return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
         x2 = x.reshape(-1, self.in_features)
-        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32):
+        if x.device.type == "cpu" and x.dtype == torch.bfloat16:
             out = torch._weight_int8pack_mm(
                 x2.contiguous(), self.weight, self.weight_scale.to(x.dtype)
             )
+        elif x.device.type == "cpu":  # torch's int8 kernel is ~30x slower with fp32 inputs
+            out = tiled_linear(x2, self.out_features, self._dequantize)
         else:
             out = F.linear(x2, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
         return out.view(*x.shape[:-1], self.out_features)
+
+    def _dequantize(self, start: int, end: int) -> torch.Tensor:
+        return self.weight[start:end].float() * self.weight_scale[start:end, None]
 
 
 class Int4Linear(nn.Module):
@@ -185,11 +203,7 @@ class Int4Linear(nn.Module):
         ):
             out = kernels.gemv_int4(self.weight, self.scales_zeros, self.group_size, x.reshape(-1))
             return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
-        parts = [
-            F.linear(x, self._dequantize(start, start + _TILE_ROWS).to(x.dtype))
-            for start in range(0, self.out_features, _TILE_ROWS)
-        ]
-        return torch.cat(parts, dim=-1)
+        return tiled_linear(x, self.out_features, self._dequantize)
 
     def _dequantize(self, start: int, end: int) -> torch.Tensor:
         packed = self.weight[start:end]
