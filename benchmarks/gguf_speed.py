@@ -34,12 +34,11 @@ FORMATS = {
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes one decode step reads: every weight but the embedding table (a row each)."""
-    total = sum(b.nbytes for n, b in model.named_buffers())
-    total += sum(p.nbytes for n, p in model.named_parameters() if "tok_embeddings" not in n)
-    if model.config.tie_embeddings:
-        total += model.tok_embeddings.weight.nbytes  # the LM head reads it all
-    return total
+    """Bytes one decode step reads: every weight but the embedding table (a row of it; a
+    tied LM head is `output.weight` too). Fused q/k/v and gate/up layers are views of the
+    separate ones: counted once."""
+    skip = (".wqkv.", ".w13.", "tok_embeddings")
+    return sum(t.nbytes for n, t in model.state_dict().items() if not any(k in n for k in skip))
 
 
 def ours(path, fmt: str, prompt: list[int], decode_prompt: list[int]):

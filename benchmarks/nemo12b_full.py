@@ -42,8 +42,9 @@ CHILD = textwrap.dedent("""
     t17, tokens = run(17)
     per_token = (t17 - t1) / 16
     # Bytes read per decoded token: every weight but the embedding table (one row of it).
+    # (Fused q/k/v and gate/up layers are views of the separate ones: counted once.)
     read = sum(b.numel() * b.element_size() for n, b in model.state_dict().items()
-               if n != "tok_embeddings.weight")
+               if n != "tok_embeddings.weight" and ".wqkv." not in n and ".w13." not in n)
     buf = torch.ones(2**28)
     s = time.perf_counter(); buf.sum(); bandwidth = 2**30 / (time.perf_counter() - s)
     print(json.dumps({"scheme": sys.argv[2], "load_s": load, "tok_s": 1 / per_token,

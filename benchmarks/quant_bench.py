@@ -75,8 +75,10 @@ CHILD = textwrap.dedent("""
                       reduction="batchmean")
         result["kl"] = float(kl)
         result["top1"] = float((logits.argmax(-1) == ref.argmax(-1)).float().mean())
+    # (fused q/k/v and gate/up layers are views of the separate ones: counted once)
     result["weights_GB"] = sum(t.numel() * t.element_size()
-                               for t in model.state_dict().values()) / 1e9
+                               for n, t in model.state_dict().items()
+                               if ".wqkv." not in n and ".w13." not in n) / 1e9
     result["rss_GB"] = psutil.Process().memory_info().rss / 1e9
     print(json.dumps(result))
 """)
