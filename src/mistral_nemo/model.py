@@ -51,6 +51,30 @@ class KVCache:
         self.v[layer, :, :, start:end] = v
         return causal_attention(q, self.k[layer, :, :, :end], self.v[layer, :, :, :end], start)
 
+    def attend_one(
+        self, layer: int, start: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor | None:
+        """RoPE, cache write and attention of one token of one sequence in the C kernel
+        (fp32 on the CPU; q, k, v [1, 1, heads * head_dim] before RoPE), or None."""
+        if not (
+            q.shape[0] == 1
+            and q.dtype == self.k.dtype == torch.float32
+            and q.device.type == "cpu"
+            and kernels.available(torch.float32)
+        ):
+            return None
+        hd = self.k.shape[-1]
+        out = kernels.attend_one(
+            q.reshape(-1, hd).contiguous(),
+            k.reshape(-1, hd).contiguous(),
+            v.reshape(-1).contiguous(),
+            self.k[layer, 0],
+            self.v[layer, 0],
+            start,
+            torch.view_as_real(self.freqs[start]),
+        )
+        return out.view(1, 1, -1)
+
 
 class AttentionCache(Protocol):
     """Where attention keeps keys and values: the contiguous KVCache above, or the engine's
@@ -65,6 +89,14 @@ class AttentionCache(Protocol):
         self, layer: int, start: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
         """Store k and v, then attend from q to everything the sequence has so far."""
+        ...
+
+    def attend_one(
+        self, layer: int, start: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Optionally, all of attention for one new token of one sequence, RoPE included,
+        from q, k, v [1, 1, features]: the output [1, 1, heads * head_dim], or None to take
+        the general path."""
         ...
 
 
@@ -160,6 +192,10 @@ class Attention(nn.Module):
             q, k, v = self.wqkv(x).split(self.qkv_sizes, dim=-1)
         else:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        if t == 1 and cache is not None:
+            out = cache.attend_one(layer, start, q, k, v)
+            if out is not None:
+                return self.wo(out)
         q = apply_rope(q.view(b, t, self.n_heads, self.head_dim), freqs)
         k = apply_rope(k.view(b, t, self.n_kv_heads, self.head_dim), freqs)
         v = v.view(b, t, self.n_kv_heads, self.head_dim)

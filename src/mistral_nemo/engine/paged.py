@@ -110,6 +110,11 @@ class PagedStep:
     def rope(self, start: int, length: int) -> torch.Tensor:
         return self.cache.freqs[self.positions]
 
+    def attend_one(
+        self, layer: int, start: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor | None:
+        return None  # blocks are gathered in `attend`
+
     def attend(
         self, layer: int, start: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:

@@ -113,6 +113,9 @@ def _library() -> ctypes.CDLL | None:
     if lib.gemv_vectorized(INT8):
         lib.gemv_int8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 2 + [ctypes.c_int]
         lib.gemv_int8.restype = None
+    lib.attend_one.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 2 + [ctypes.c_int] * 3
+    lib.attend_one.argtypes += [ctypes.c_void_p] * 3
+    lib.attend_one.restype = None
     return lib
 
 
@@ -161,6 +164,32 @@ def gemv_int8(weight: torch.Tensor, row_scale: torch.Tensor, x: torch.Tensor) ->
     rows, cols = weight.shape
     xf = x.float().contiguous()
     return _run("gemv_int8", rows, [weight, xf, row_scale], [rows, cols])
+
+
+def attend_one(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    pos: int,
+    rotation: torch.Tensor,
+) -> torch.Tensor:
+    """Attention of one new token at `pos`, fp32 on the CPU: q [heads, hd] and k [kv, hd]
+    are rotated in place by `rotation` ([hd/2, 2] cos, sin), k and v stored into the caches
+    [kv, max_len, hd], and the output [heads * hd] returned."""
+    lib = _library()
+    assert lib is not None
+    heads, hd = q.shape
+    kv, max_len = k_cache.shape[0], k_cache.shape[1]
+    scores = torch.empty(pos + 1)
+    out = torch.empty(heads * hd)
+    tensors = (q, k, v, k_cache, v_cache)
+    lib.attend_one(
+        *(t.data_ptr() for t in tensors), max_len, pos, heads, kv, hd,
+        rotation.data_ptr(), scores.data_ptr(), out.data_ptr(),
+    )  # fmt: skip
+    return out
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
