@@ -256,6 +256,10 @@ class Block(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
+# Largest q/k/v stack (in weight elements) that fuse_projections fuses.
+FUSE_MAX_ELEMENTS = 1 << 24
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -308,9 +312,16 @@ class Transformer(nn.Module):
 
     def fuse_projections(self) -> None:
         """Stack q/k/v and gate/up of quantized layers into one product each (for inference:
-        fewer, larger products; the separate layers keep views, so memory is unchanged)."""
+        fewer, larger products; the separate layers keep views, so memory is unchanged).
+
+        Only for narrow models: a call saved is ~15 us, which matters next to a 0.3 MB
+        product (SmolLM2) and not next to a 16 MB one (NeMo), where the re-allocation leaves
+        the heap fragmented instead (+1 GB peak RSS loading NeMo 12B)."""
         from mistral_nemo.quant import fuse_rows
 
+        c = self.config
+        if (c.n_heads + 2 * c.n_kv_heads) * c.head_dim * c.dim > FUSE_MAX_ELEMENTS:
+            return
         for block in self.layers:
             attn, ffn = cast(Block, block).attention, cast(Block, block).feed_forward
             attn.wqkv = fuse_rows([attn.wq, attn.wk, attn.wv])
