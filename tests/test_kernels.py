@@ -54,13 +54,15 @@ def test_disabled_by_environment(monkeypatch):
         kernels.available.cache_clear()
 
 
-@pytest.mark.parametrize("group", [32, 64, 128])
-@pytest.mark.parametrize("cols", [1024, 576, 64 * 9 + 128 * 3])  # and a last partial block
+# 576 and 960 columns end in a partial block of 128.
+@pytest.mark.parametrize(
+    ("group", "cols"), [(32, 1024), (64, 1024), (128, 1024), (32, 576), (64, 576), (64, 960)]
+)
 def test_int4_gemv_matches_dequantized_weights(group, cols):
     from mistral_nemo.quant import quantize_linear
 
-    if not kernels.available(kernels.INT4) or cols % group:
-        pytest.skip("no int4 kernel on this machine, or no whole groups")
+    if not kernels.available(kernels.INT4):
+        pytest.skip("no int4 kernel on this machine")
     layer = quantize_linear(torch.randn(300, cols) * 0.02, "int4", group)
     x = torch.randn(cols).bfloat16()
     got = kernels.gemv_int4(layer.weight, layer.scales_zeros, group, x)
