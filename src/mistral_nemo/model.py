@@ -58,6 +58,7 @@ class KVCache:
         (fp32 on the CPU; q, k, v [1, 1, heads * head_dim] before RoPE), or None."""
         if not (
             q.shape[0] == 1
+            and 0 <= start < self.max_len  # the C code writes at `start` unchecked
             and q.dtype == self.k.dtype == torch.float32
             and q.device.type == "cpu"
             and kernels.available(torch.float32)
