@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from mistral_nemo import kernels
 from mistral_nemo.config import ModelConfig
 from mistral_nemo.model import decode_attention, rope_frequencies
 from mistral_nemo.quant.linear import FP8, FP8_MAX
@@ -92,13 +93,13 @@ class PagedStep:
         ends = [s + length for s in starts]
         longest = max(ends)
         # Slot of every position 0..longest-1 of every sequence (padding repeats slot 0).
-        table = torch.zeros(len(tables), -(-longest // bs), dtype=torch.long)
-        for b, t in enumerate(tables):
-            table[b, : len(t)] = torch.tensor(t[: table.shape[1]], dtype=torch.long)
-        pos = torch.arange(longest)
-        slots = (table[:, pos // bs] * bs + pos % bs).to(device)  # [B, longest]
+        n = -(-longest // bs)
+        table = torch.tensor([[*t[:n], *[0] * (n - len(t[:n]))] for t in tables])
+        slots = (table[:, :, None] * bs + torch.arange(bs)).flatten(1)[:, :longest].to(device)
         self.read_slots = slots
         self.write_slots = slots.gather(1, self.positions).reshape(-1)
+        # A lone sequence's decode step: position and slots for attend_one.
+        self.lone = (starts[0], slots[0].contiguous()) if len(tables) == length == 1 else None
         self.mask: torch.Tensor | None = None
         if len(tables) > 1 or length > 1:
             # Key j is visible to the query at position p when j <= p (causal, and it masks
@@ -113,7 +114,28 @@ class PagedStep:
     def attend_one(
         self, layer: int, start: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor | None:
-        return None  # blocks are gathered in `attend`
+        """A lone sequence's decode step in the C kernel, reading its blocks in place (fp32
+        caches on the CPU); None otherwise, for `attend`."""
+        cache = self.cache
+        if not (
+            self.lone is not None
+            and q.dtype == cache.kv_dtype == torch.float32
+            and q.device.type == "cpu"
+            and kernels.available(torch.float32)
+        ):
+            return None
+        hd = cache.k.shape[-1]
+        out = kernels.attend_one(
+            q.reshape(-1, hd).contiguous(),
+            k.reshape(-1, hd).contiguous(),
+            v.reshape(-1).contiguous(),
+            cache.k[layer],
+            cache.v[layer],
+            self.lone[0],
+            torch.view_as_real(cache.freqs[self.lone[0]]),
+            self.lone[1],
+        )
+        return out.view(1, 1, -1)
 
     def attend(
         self, layer: int, start: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor

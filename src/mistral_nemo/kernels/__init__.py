@@ -113,7 +113,7 @@ def _library() -> ctypes.CDLL | None:
     if lib.gemv_vectorized(INT8):
         lib.gemv_int8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 2 + [ctypes.c_int]
         lib.gemv_int8.restype = None
-    lib.attend_one.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 2 + [ctypes.c_int] * 3
+    lib.attend_one.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_long] * 3 + [ctypes.c_int] * 3
     lib.attend_one.argtypes += [ctypes.c_void_p] * 3
     lib.attend_one.restype = None
     return lib
@@ -174,20 +174,26 @@ def attend_one(
     v_cache: torch.Tensor,
     pos: int,
     rotation: torch.Tensor,
+    slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one new token at `pos`, fp32 on the CPU: q [heads, hd] and k [kv, hd]
-    are rotated in place by `rotation` ([hd/2, 2] cos, sin), k and v stored into the caches
-    [kv, max_len, hd], and the output [heads * hd] returned."""
+    are rotated in place by `rotation` ([hd/2, 2] cos, sin), k and v stored into the caches,
+    and the output [heads * hd] returned. The caches are [kv, max_len, hd] (contiguous), or
+    a paged pool [slots, kv, hd] with `slots` (int64) the slot of each position 0..pos."""
     lib = _library()
     assert lib is not None
     heads, hd = q.shape
-    kv, max_len = k_cache.shape[0], k_cache.shape[1]
+    kv = k.shape[0]
+    if slots is None:  # [kv, max_len, hd]
+        slot_stride, head_stride, slot_ptr = hd, k_cache.shape[1] * hd, None
+    else:  # [slots, kv, hd]
+        slot_stride, head_stride, slot_ptr = kv * hd, hd, slots.data_ptr()
     scores = torch.empty(pos + 1)
     out = torch.empty(heads * hd)
     tensors = (q, k, v, k_cache, v_cache)
     lib.attend_one(
-        *(t.data_ptr() for t in tensors), max_len, pos, heads, kv, hd,
-        rotation.data_ptr(), scores.data_ptr(), out.data_ptr(),
+        *(t.data_ptr() for t in tensors), slot_ptr, slot_stride, head_stride, pos,
+        heads, kv, hd, rotation.data_ptr(), scores.data_ptr(), out.data_ptr(),
     )  # fmt: skip
     return out
 

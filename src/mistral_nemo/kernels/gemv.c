@@ -448,14 +448,17 @@ void gemv_int8(const int8_t *w, const float *x, const float *row_scale, float *o
 }
 #endif
 
-/* One new token's attention in one layer, all in fp32 (batch 1, contiguous cache):
- * rotate q [heads, hd] and k [kv, hd] in place by RoPE at `pos` (interleaved pairs;
- * `rot` holds cos, sin for each pair), store k and v in the cache [kv, max_len, hd] at `pos`,
- * then out[h] = softmax(q_h . K^T / sqrt(hd)) V over positions 0..pos, with the K and V of
- * KV head h / (heads / kv). Replaces some thirty small torch ops per layer when decoding. */
-void attend_one(float *q, float *k, const float *v, float *kc, float *vc, long max_len,
-                long pos, int heads, int kv, int hd, const float *rot, float *scores,
-                float *out) {
+/* One new token's attention in one layer, all in fp32 (one sequence): rotate q [heads, hd]
+ * and k [kv, hd] in place by RoPE at `pos` (interleaved pairs; `rot` holds cos, sin for each
+ * pair), store k and v in the caches at `pos`, then out[h] = softmax(q_h . K^T / sqrt(hd)) V
+ * over positions 0..pos, with the K and V of KV head h / (heads / kv). Position p of KV head
+ * g lives at element (slot(p) * slot_stride + g * head_stride) of a cache, slot(p) being
+ * slots[p], or p where `slots` is NULL: so one function serves the contiguous cache
+ * [kv, max_len, hd] and the paged pool [slots, kv, hd]. Replaces some thirty small torch
+ * ops per layer when decoding. */
+void attend_one(float *q, float *k, const float *v, float *kc, float *vc, const long *slots,
+                long slot_stride, long head_stride, long pos, int heads, int kv, int hd,
+                const float *rot, float *scores, float *out) {
     for (int h = 0; h < heads + kv; h++) {
         float *x = h < heads ? q + (long)h * hd : k + (long)(h - heads) * hd;
         for (int i = 0; i < hd / 2; i++) {
@@ -464,18 +467,19 @@ void attend_one(float *q, float *k, const float *v, float *kc, float *vc, long m
             x[2 * i + 1] = a * s + b * c;
         }
     }
+    long here = (slots ? slots[pos] : pos) * slot_stride;
     for (int g = 0; g < kv; g++) {
-        memcpy(kc + ((long)g * max_len + pos) * hd, k + (long)g * hd, sizeof(float) * hd);
-        memcpy(vc + ((long)g * max_len + pos) * hd, v + (long)g * hd, sizeof(float) * hd);
+        memcpy(kc + here + g * head_stride, k + (long)g * hd, sizeof(float) * hd);
+        memcpy(vc + here + g * head_stride, v + (long)g * hd, sizeof(float) * hd);
     }
     const float scale = 1.f / sqrtf((float)hd);
     for (int h = 0; h < heads; h++) {
         const float *qh = q + (long)h * hd;
-        const float *kg = kc + (long)(h / (heads / kv)) * max_len * hd;
-        const float *vg = vc + (long)(h / (heads / kv)) * max_len * hd;
+        long head = (long)(h / (heads / kv)) * head_stride;
         float top = -INFINITY, total = 0.f;
         for (long p = 0; p <= pos; p++) {
-            scores[p] = dot_f32(kg + p * hd, qh, hd) * scale;
+            long at = (slots ? slots[p] : p) * slot_stride + head;
+            scores[p] = dot_f32(kc + at, qh, hd) * scale;
             top = scores[p] > top ? scores[p] : top;
         }
         for (long p = 0; p <= pos; p++) {
@@ -485,7 +489,8 @@ void attend_one(float *q, float *k, const float *v, float *kc, float *vc, long m
         float *o = out + (long)h * hd;
         memset(o, 0, sizeof(float) * hd);
         for (long p = 0; p <= pos; p++) {
-            const float w = scores[p] / total, *vp = vg + p * hd;
+            const float w = scores[p] / total;
+            const float *vp = vc + (slots ? slots[p] : p) * slot_stride + head;
             for (int d = 0; d < hd; d++) o[d] += w * vp[d];
         }
     }
