@@ -54,27 +54,11 @@ class KVCache:
     def attend_one(
         self, layer: int, start: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor | None:
-        """RoPE, cache write and attention of one token of one sequence in the C kernel
-        (fp32 on the CPU; q, k, v [1, 1, heads * head_dim] before RoPE), or None."""
-        if not (
-            q.shape[0] == 1
-            and 0 <= start < self.max_len  # the C code writes at `start` unchecked
-            and q.dtype == self.k.dtype == torch.float32
-            and q.device.type == "cpu"
-            and kernels.available(torch.float32)
-        ):
+        """RoPE, cache write and attention of one token of one sequence in one C call
+        (q, k, v [1, 1, features] before RoPE), or None for the torch path."""
+        if q.shape[0] != 1 or not 0 <= start < self.max_len:  # C writes at `start` unchecked
             return None
-        hd = self.k.shape[-1]
-        out = kernels.attend_one(
-            q.reshape(-1, hd).contiguous(),
-            k.reshape(-1, hd).contiguous(),
-            v.reshape(-1).contiguous(),
-            self.k[layer, 0],
-            self.v[layer, 0],
-            start,
-            torch.view_as_real(self.freqs[start]),
-        )
-        return out.view(1, 1, -1)
+        return kernels.attend_one(q, k, v, self.k[layer, 0], self.v[layer, 0], start, self.freqs)
 
 
 class AttentionCache(Protocol):

@@ -114,28 +114,13 @@ class PagedStep:
     def attend_one(
         self, layer: int, start: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor | None:
-        """A lone sequence's decode step in the C kernel, reading its blocks in place (fp32
-        caches on the CPU); None otherwise, for `attend`."""
-        cache = self.cache
-        if not (
-            self.lone is not None
-            and q.dtype == cache.kv_dtype == torch.float32
-            and q.device.type == "cpu"
-            and kernels.available(torch.float32)
-        ):
+        """A lone sequence's decode step in one C call, reading its blocks in place; None
+        otherwise, for `attend`."""
+        if self.lone is None:
             return None
-        hd = cache.k.shape[-1]
-        out = kernels.attend_one(
-            q.reshape(-1, hd).contiguous(),
-            k.reshape(-1, hd).contiguous(),
-            v.reshape(-1).contiguous(),
-            cache.k[layer],
-            cache.v[layer],
-            self.lone[0],
-            torch.view_as_real(cache.freqs[self.lone[0]]),
-            self.lone[1],
-        )
-        return out.view(1, 1, -1)
+        pos, slots = self.lone
+        c = self.cache
+        return kernels.attend_one(q, k, v, c.k[layer], c.v[layer], pos, c.freqs, slots)
 
     def attend(
         self, layer: int, start: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor

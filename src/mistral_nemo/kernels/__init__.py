@@ -173,21 +173,31 @@ def attend_one(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     pos: int,
-    rotation: torch.Tensor,
+    freqs: torch.Tensor,
     slots: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Attention of one new token at `pos`, fp32 on the CPU: q [heads, hd] and k [kv, hd]
-    are rotated in place by `rotation` ([hd/2, 2] cos, sin), k and v stored into the caches,
-    and the output [heads * hd] returned. The caches are [kv, max_len, hd] (contiguous), or
-    a paged pool [slots, kv, hd] with `slots` (int64) the slot of each position 0..pos."""
+) -> torch.Tensor | None:
+    """Attention of one new token of one sequence at `pos` in one C call: q, k, v
+    [1, 1, features] before RoPE (rotated here by `freqs[pos]`, the complex rotations), k and
+    v stored into the caches, and the output [1, 1, heads * head_dim] returned. The caches
+    are [kv, max_len, hd] (contiguous), or a paged pool [slots, kv, hd] with `slots` (int64)
+    the slot of each position 0..pos. None where it does not apply (not fp32 on a CPU with
+    the kernels): the caller takes torch's path."""
+    if not (
+        q.dtype == k_cache.dtype == torch.float32
+        and q.device.type == "cpu"
+        and available(torch.float32)
+    ):
+        return None
     lib = _library()
     assert lib is not None
-    heads, hd = q.shape
-    kv = k.shape[0]
+    hd = k_cache.shape[-1]
+    q, k, v = (t.reshape(-1, hd).contiguous() for t in (q, k, v))
+    heads, kv = q.shape[0], k.shape[0]
     if slots is None:  # [kv, max_len, hd]
         slot_stride, head_stride, slot_ptr = hd, k_cache.shape[1] * hd, None
     else:  # [slots, kv, hd]
         slot_stride, head_stride, slot_ptr = kv * hd, hd, slots.data_ptr()
+    rotation = torch.view_as_real(freqs[pos])
     scores = torch.empty(pos + 1)
     out = torch.empty(heads * hd)
     tensors = (q, k, v, k_cache, v_cache)
@@ -195,7 +205,7 @@ def attend_one(
         *(t.data_ptr() for t in tensors), slot_ptr, slot_stride, head_stride, pos,
         heads, kv, hd, rotation.data_ptr(), scores.data_ptr(), out.data_ptr(),
     )  # fmt: skip
-    return out
+    return out.view(1, 1, -1)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
