@@ -7,6 +7,7 @@ mapped onto it in `mistral_nemo.checkpoint`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, cast
 
@@ -17,6 +18,7 @@ from torch import nn
 from mistral_nemo import kernels
 from mistral_nemo.config import ModelConfig
 from mistral_nemo.errors import InvalidRequestError
+from mistral_nemo.kernels.decoder import Decoder, KVLayout, LayerSpec, LinearSpec
 
 
 class KVCache:
@@ -51,14 +53,12 @@ class KVCache:
         self.v[layer, :, :, start:end] = v
         return causal_attention(q, self.k[layer, :, :, :end], self.v[layer, :, :, :end], start)
 
-    def attend_one(
-        self, layer: int, start: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> torch.Tensor | None:
-        """RoPE, cache write and attention of one token of one sequence in one C call
-        (q, k, v [1, 1, features] before RoPE), or None for the torch path."""
-        if q.shape[0] != 1 or not 0 <= start < self.max_len:  # C writes at `start` unchecked
-            return None
-        return kernels.attend_one(q, k, v, self.k[layer, 0], self.v[layer, 0], start, self.freqs)
+    def one_token_layout(self, start: int) -> KVLayout | None:
+        b, kv, max_len, hd = self.k.shape[1:]
+        usable = self.k.dtype == torch.float32 and self.k.device.type == "cpu"
+        if b != 1 or not 0 <= start < max_len or not usable:
+            return None  # (the C step writes at `start` unchecked)
+        return KVLayout(self.k, self.v, hd, max_len * hd, None, self.freqs, start)
 
 
 class AttentionCache(Protocol):
@@ -76,12 +76,9 @@ class AttentionCache(Protocol):
         """Store k and v, then attend from q to everything the sequence has so far."""
         ...
 
-    def attend_one(
-        self, layer: int, start: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> torch.Tensor | None:
-        """Optionally, all of attention for one new token of one sequence, RoPE included,
-        from q, k, v [1, 1, features]: the output [1, 1, heads * head_dim], or None to take
-        the general path."""
+    def one_token_layout(self, start: int) -> KVLayout | None:
+        """Optionally, for a decode step of one sequence, where its keys and values are, for
+        the C decode step (`kernels.decoder`); None to take the torch path."""
         ...
 
 
@@ -146,6 +143,9 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.linear(x, self.weight)
 
+    def kernel_spec(self) -> LinearSpec:
+        return LinearSpec(self.weight)
+
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
@@ -177,10 +177,6 @@ class Attention(nn.Module):
             q, k, v = self.wqkv(x).split(self.qkv_sizes, dim=-1)
         else:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
-        if t == 1 and cache is not None:
-            out = cache.attend_one(layer, start, q, k, v)
-            if out is not None:
-                return self.wo(out)
         q = apply_rope(q.view(b, t, self.n_heads, self.head_dim), freqs)
         k = apply_rope(k.view(b, t, self.n_kv_heads, self.head_dim), freqs)
         v = v.view(b, t, self.n_kv_heads, self.head_dim)
@@ -245,6 +241,62 @@ class Block(nn.Module):
 FUSE_MAX_ELEMENTS = 1 << 24
 
 
+class _BuiltDecoder:
+    """A model's C decode step and the entries of module, parameter and buffer dicts it was
+    built from: valid while every one of them is still in place. Copies and pickles of a
+    model start without one."""
+
+    def __init__(self) -> None:
+        self.decoder: Decoder | None = None
+        self.pins: list[tuple[dict, str, object]] | None = None
+
+    def pin(self, module: nn.Module, name: str) -> object:
+        """module.<name> (a submodule, parameter or buffer, or None), remembered."""
+        held = (module._modules, module._parameters, module._buffers)
+        owner = next((d for d in held if name in d), module._modules)
+        value = owner.get(name)
+        assert self.pins is not None
+        self.pins.append((owner, name, value))
+        return value
+
+    def valid(self) -> bool:
+        return self.pins is not None and all(d.get(n) is v for d, n, v in self.pins)
+
+    def __reduce__(self) -> tuple[type, tuple]:
+        return (_BuiltDecoder, ())
+
+
+def _layer_spec(block: Block, pin: Callable[[nn.Module, str], object]) -> LayerSpec | None:
+    """What the C decode step needs of `block`, every module and tensor read through `pin`;
+    None if a linear layer has no kernel form."""
+    attn = cast(nn.Module, pin(block, "attention"))
+    ffn = cast(nn.Module, pin(block, "feed_forward"))
+    qkv = ["wqkv"] if pin(attn, "wqkv") is not None else ["wq", "wk", "wv"]
+    gate_up = ["w13"] if pin(ffn, "w13") is not None else ["w1", "w3"]
+    linears = {}
+    for owner, names in ((attn, [*qkv, "wo"]), (ffn, [*gate_up, "w2"])):
+        for name in names:
+            module = cast(nn.Module, pin(owner, name))
+            for tensor in (*module._parameters, *module._buffers):
+                pin(module, tensor)
+            kernel_spec = getattr(module, "kernel_spec", None)
+            if kernel_spec is None:
+                return None
+            linears[name] = kernel_spec()
+    attention_norm, ffn_norm = (
+        cast(torch.Tensor, pin(cast(nn.Module, pin(block, n)), "weight"))
+        for n in ("attention_norm", "ffn_norm")
+    )
+    return LayerSpec(
+        attention_norm,
+        ffn_norm,
+        [linears[n] for n in qkv],
+        linears["wo"],
+        [linears[n] for n in gate_up],
+        linears["w2"],
+    )
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -255,6 +307,7 @@ class Transformer(nn.Module):
         self.output = Linear(config.dim, config.vocab_size)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        self._built = _BuiltDecoder()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -285,6 +338,11 @@ class Transformer(nn.Module):
         `last_only` computes the LM head for the final position alone (prefill).
         """
         x = self.tok_embeddings(tokens)
+        if tokens.shape == (1, 1) and cache is not None and not torch.is_grad_enabled():
+            layout = cache.one_token_layout(start)
+            decoder = self.one_token_decoder() if layout is not None else None
+            if decoder is not None and layout is not None:
+                return self.output(decoder(x, layout).view(1, 1, -1).type_as(x))
         if cache is not None:
             freqs = cache.rope(start, tokens.shape[1])
         else:
@@ -294,6 +352,29 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x))
+
+    def one_token_decoder(self) -> Decoder | None:
+        """All layers of a decode step of one sequence as one C call (`kernels.decoder`),
+        built on first use and again when a layer or weight has been replaced; None where
+        the kernels do not cover this model (not fp32, a layer type they do not know)."""
+        built = self._built
+        if not built.valid():
+            built.pins = []
+            built.decoder = None
+            layers = cast(nn.ModuleList, built.pin(self, "layers"))
+            specs = [_layer_spec(cast(Block, built.pin(layers, str(i))), built.pin)
+                     for i in range(len(layers))]  # fmt: skip
+            norm = cast(torch.Tensor, built.pin(cast(nn.Module, built.pin(self, "norm")), "weight"))
+            complete = [spec for spec in specs if spec is not None]
+            if specs and len(complete) == len(specs) and Decoder.supports(complete, norm):
+                c = self.config
+                built.decoder = Decoder(complete, norm, c.norm_eps, c.n_heads, c.n_kv_heads)
+        return built.decoder
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .float() and the like may move weights without replacing their tensors.
+        self._built.pins = None
+        return super()._apply(fn, recurse)
 
     def fuse_projections(self) -> None:
         """Stack q/k/v and gate/up of quantized layers into one product each (for inference:

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from mistral_nemo import kernels
 from mistral_nemo.config import ModelConfig
+from mistral_nemo.kernels.decoder import KVLayout
 from mistral_nemo.model import decode_attention, rope_frequencies
 from mistral_nemo.quant.linear import FP8, FP8_MAX
 
@@ -98,7 +98,7 @@ class PagedStep:
         slots = (table[:, :, None] * bs + torch.arange(bs)).flatten(1)[:, :longest].to(device)
         self.read_slots = slots
         self.write_slots = slots.gather(1, self.positions).reshape(-1)
-        # A lone sequence's decode step: position and slots for attend_one.
+        # A lone sequence's decode step: its position and slots, for one_token_layout.
         self.lone = (starts[0], slots[0].contiguous()) if len(tables) == length == 1 else None
         self.mask: torch.Tensor | None = None
         if len(tables) > 1 or length > 1:
@@ -111,16 +111,14 @@ class PagedStep:
     def rope(self, start: int, length: int) -> torch.Tensor:
         return self.cache.freqs[self.positions]
 
-    def attend_one(
-        self, layer: int, start: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> torch.Tensor | None:
-        """A lone sequence's decode step in one C call, reading its blocks in place; None
-        otherwise, for `attend`."""
-        if self.lone is None:
+    def one_token_layout(self, start: int) -> KVLayout | None:
+        """A lone sequence's decode step reads its blocks in place (fp32 caches)."""
+        c = self.cache
+        if self.lone is None or c.kv_dtype != torch.float32 or c.k.device.type != "cpu":
             return None
         pos, slots = self.lone
-        c = self.cache
-        return kernels.attend_one(q, k, v, c.k[layer], c.v[layer], pos, c.freqs, slots)
+        kv, hd = c.k.shape[2:]
+        return KVLayout(c.k, c.v, kv * hd, hd, slots, c.freqs, pos)
 
     def attend(
         self, layer: int, start: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor

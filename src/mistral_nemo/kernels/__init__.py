@@ -1,10 +1,12 @@
-"""CPU matrix-vector kernels for batch-1 decoding, compiled on first use.
+"""CPU kernels for batch-1 decoding, compiled on first use.
 
 `linear(x, weight)` is `F.linear` except when one token's activations meet a large bf16 or
 fp32 weight on the CPU outside autograd: then gemv.c streams the weight at memory speed
-(torch's bf16 path reaches about two thirds of it). The C file is built with the system C
-compiler and -march=native into a per-user cache; without a compiler, without AVX-512, or
-with MISTRAL_NEMO_CPU_KERNELS=0, everything goes through torch.
+(torch's bf16 path reaches about two thirds of it). The quantized layers call `gemv_int4`,
+`gemv_int8` and `gemv` (fp8) for one token, and `decoder.Decoder` runs a whole fp32 decode
+step in one call. The C file is built with the system C compiler and -march=native into a
+per-user cache; without a compiler, without AVX-512, or with MISTRAL_NEMO_CPU_KERNELS=0,
+everything goes through torch.
 """
 
 from __future__ import annotations
@@ -113,9 +115,9 @@ def _library() -> ctypes.CDLL | None:
     if lib.gemv_vectorized(INT8):
         lib.gemv_int8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 2 + [ctypes.c_int]
         lib.gemv_int8.restype = None
-    lib.attend_one.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_long] * 3 + [ctypes.c_int] * 3
-    lib.attend_one.argtypes += [ctypes.c_void_p] * 3
-    lib.attend_one.restype = None
+    pointer = ctypes.c_void_p
+    lib.decode_step.argtypes = [pointer, pointer, ctypes.c_long, pointer, pointer, ctypes.c_int]
+    lib.decode_step.restype = None
     return lib
 
 
@@ -164,48 +166,6 @@ def gemv_int8(weight: torch.Tensor, row_scale: torch.Tensor, x: torch.Tensor) ->
     rows, cols = weight.shape
     xf = x.float().contiguous()
     return _run("gemv_int8", rows, [weight, xf, row_scale], [rows, cols])
-
-
-def attend_one(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    pos: int,
-    freqs: torch.Tensor,
-    slots: torch.Tensor | None = None,
-) -> torch.Tensor | None:
-    """Attention of one new token of one sequence at `pos` in one C call: q, k, v
-    [1, 1, features] before RoPE (rotated here by `freqs[pos]`, the complex rotations), k and
-    v stored into the caches, and the output [1, 1, heads * head_dim] returned. The caches
-    are [kv, max_len, hd] (contiguous), or a paged pool [slots, kv, hd] with `slots` (int64)
-    the slot of each position 0..pos. None where it does not apply (not fp32 on a CPU with
-    the kernels): the caller takes torch's path."""
-    if not (
-        q.dtype == k_cache.dtype == torch.float32
-        and q.device.type == "cpu"
-        and available(torch.float32)
-    ):
-        return None
-    lib = _library()
-    assert lib is not None
-    hd = k_cache.shape[-1]
-    q, k, v = (t.reshape(-1, hd).contiguous() for t in (q, k, v))
-    heads, kv = q.shape[0], k.shape[0]
-    if slots is None:  # [kv, max_len, hd]
-        slot_stride, head_stride, slot_ptr = hd, k_cache.shape[1] * hd, None
-    else:  # [slots, kv, hd]
-        slot_stride, head_stride, slot_ptr = kv * hd, hd, slots.data_ptr()
-    rotation = torch.view_as_real(freqs[pos])
-    scores = torch.empty(pos + 1)
-    out = torch.empty(heads * hd)
-    tensors = (q, k, v, k_cache, v_cache)
-    lib.attend_one(
-        *(t.data_ptr() for t in tensors), slot_ptr, slot_stride, head_stride, pos,
-        heads, kv, hd, rotation.data_ptr(), scores.data_ptr(), out.data_ptr(),
-    )  # fmt: skip
-    return out.view(1, 1, -1)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@
  * Decoding one token reads every weight once, so its speed is set by memory bandwidth.
  * torch's bf16 GEMV reaches about 2/3 of it on AVX-512 machines; this streams each weight
  * row once with independent accumulators and keeps up with the memory. Rows are shared by
- * `threads` POSIX threads. Built at first use with -march=native.
+ * `threads` POSIX threads. Also here: one token's attention (`attend_one`) and a whole
+ * decode step (`decode_step`). Built at first use with -march=native.
  */
 #include <math.h>
 #include <pthread.h>
@@ -172,42 +173,66 @@ static float dot_int4(const uint8_t *w, const uint16_t *x, const uint16_t *sz,
 /* int4 x int8: x quantized to int8 per group (as llama.cpp does for its CPU dot products),
  * 128 products per pair of VNNI instructions. `xq` holds the even columns of x, then the
  * odd ones, to match the low and high nibbles of 64 weight bytes. Lane i of the 32-bit sums
- * covers columns 8i..8i+7 of a 128-column block, so groups of 32 or 64 get their scales by
- * a lane permutation. A last block of fewer than 128 columns is masked. */
+ * covers columns 8i..8i+7 of a 128-column block, so groups of 32 or 64 get their factors by
+ * a lane permutation. A last block of fewer than 128 columns is masked.
+ *
+ * Groups are taken 16 at a time: first their factors, f = scale * xs for the products, and
+ * the terms that do not involve the weights' nibbles, zero * sum(x) - 8 scale * xs *
+ * sum(xq) (the activations' rounding errors are so weighted by the centred q - 8, not by
+ * q, whose mean of 7.5 would give about 3x more error); then their blocks, each taking its
+ * lanes of f by a permutation (in registers: a round trip through memory stalls on store
+ * forwarding), two at a time on two accumulators. */
+static inline __m512i int4_block(__m512i w, __m512i x_even, __m512i x_odd) {
+    const __m512i low4 = _mm512_set1_epi8(15);
+    __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(w, low4), x_even);
+    return _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(w, 4), low4), x_odd);
+}
+
 static float dot_int4_vnni(const uint8_t *w, const int8_t *xq, const float *xs,
                            const float *xsq, const uint16_t *sz, const float *xsum, long n,
                            long group) {
+    const long groups = n / group, full = n / 128, blocks = (n + 127) / 128;
     const int8_t *xe = xq, *xo = xq + n / 2;
-    const __m512i low4 = _mm512_set1_epi8(15);
+    const __m512i high16 = _mm512_set1_epi32((int)0xFFFF0000);
     const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     const __m512i lane_group = _mm512_srli_epi32(_mm512_slli_epi32(iota, 3), __builtin_ctzl(group));
-    const __m512i high16 = _mm512_set1_epi32((int)0xFFFF0000);
-    const long per_block = 128 / group;
-    __m512 total = _mm512_setzero_ps(), fixed = _mm512_setzero_ps();
-    for (long c = 0; c < n; c += 128) {
-        long bytes = n - c >= 128 ? 64 : (n - c) / 2;
-        __mmask64 m = bytes == 64 ? ~0ULL : (1ULL << bytes) - 1;
-        __m512i b = _mm512_maskz_loadu_epi8(m, w + c / 2);
-        __m512i lo = _mm512_and_si512(b, low4);
-        __m512i hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low4);
-        __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo,
-                                          _mm512_maskz_loadu_epi8(m, xe + c / 2));
-        acc = _mm512_dpbusd_epi32(acc, hi, _mm512_maskz_loadu_epi8(m, xo + c / 2));
-        long g0 = c / group, ng = (n - c) / group < per_block ? (n - c) / group : per_block;
-        __mmask16 gm = (__mmask16)((1u << ng) - 1);
+    const __m512i per_block = _mm512_set1_epi32((int)(128 / group));
+    __m512 t0 = _mm512_setzero_ps(), t1 = t0, fixed = t0;
+    for (long g = 0, blk = 0; g < groups; g += 16) {
+        __mmask16 gm = groups - g >= 16 ? 0xFFFF : (__mmask16)((1u << (groups - g)) - 1);
         /* the groups' (scale, zero) bf16 pairs as 32-bit words: the scale is the low half */
-        __m512i pairs = _mm512_maskz_loadu_epi32(gm, sz + 2 * g0);
+        __m512i pairs = _mm512_maskz_loadu_epi32(gm, sz + 2 * g);
         __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
         __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pairs, high16));
-        __m512 f = _mm512_mul_ps(scale, _mm512_maskz_loadu_ps(gm, xs + g0));
-        total = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_permutexvar_ps(lane_group, f),
-                                total);
-        /* zero * sum(x) - 8 scale * xs * sum(xq) per group: the activations' rounding errors
-         * are weighted by the centred q - 8, not by q (mean 7.5, about 3x more error) */
-        fixed = _mm512_fmadd_ps(zero, _mm512_maskz_loadu_ps(gm, xsum + g0), fixed);
-        fixed = _mm512_fnmadd_ps(scale, _mm512_maskz_loadu_ps(gm, xsq + g0), fixed);
+        __m512 f = _mm512_mul_ps(scale, _mm512_maskz_loadu_ps(gm, xs + g));
+        fixed = _mm512_fmadd_ps(zero, _mm512_maskz_loadu_ps(gm, xsum + g), fixed);
+        fixed = _mm512_fnmadd_ps(scale, _mm512_maskz_loadu_ps(gm, xsq + g), fixed);
+        const long stop = blk + 16 * group / 128 < blocks ? blk + 16 * group / 128 : blocks;
+        const long stop_full = stop < full ? stop : full;
+        __m512i lanes = lane_group;
+        for (; blk + 1 < stop_full; blk += 2) { /* two whole blocks, two accumulators */
+            __m512i a0 = int4_block(_mm512_loadu_si512(w + 64 * blk),
+                                    _mm512_loadu_si512(xe + 64 * blk),
+                                    _mm512_loadu_si512(xo + 64 * blk));
+            __m512i a1 = int4_block(_mm512_loadu_si512(w + 64 * blk + 64),
+                                    _mm512_loadu_si512(xe + 64 * blk + 64),
+                                    _mm512_loadu_si512(xo + 64 * blk + 64));
+            t0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a0), _mm512_permutexvar_ps(lanes, f), t0);
+            lanes = _mm512_add_epi32(lanes, per_block);
+            t1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a1), _mm512_permutexvar_ps(lanes, f), t1);
+            lanes = _mm512_add_epi32(lanes, per_block);
+        }
+        for (; blk < stop; blk++) { /* an odd one, or the last block, maybe partial */
+            long bytes = n - 128 * blk >= 128 ? 64 : (n - 128 * blk) / 2;
+            __mmask64 m = bytes == 64 ? ~0ULL : (1ULL << bytes) - 1;
+            __m512i a = int4_block(_mm512_maskz_loadu_epi8(m, w + 64 * blk),
+                                   _mm512_maskz_loadu_epi8(m, xe + 64 * blk),
+                                   _mm512_maskz_loadu_epi8(m, xo + 64 * blk));
+            t0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_permutexvar_ps(lanes, f), t0);
+            lanes = _mm512_add_epi32(lanes, per_block);
+        }
     }
-    return _mm512_reduce_add_ps(_mm512_add_ps(total, fixed));
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(t0, t1), fixed));
 }
 #endif
 
@@ -494,4 +519,104 @@ void attend_one(float *q, float *k, const float *v, float *kc, float *vc, const 
             for (int d = 0; d < hd; d++) o[d] += w * vp[d];
         }
     }
+}
+
+/* ---- A whole decode step of one sequence: every layer of one token in one call ---------
+ * Decoding SmolLM2-sized models, the products take about half of a token's time; the rest
+ * was some forty small torch ops per layer (norms, residuals, SiLU, views) and the Python
+ * around them. Here they are loops over a few thousand floats. */
+
+enum { KIND_BF16 = 0, KIND_FP32 = 1, KIND_FP8 = 2, KIND_INT4 = 3, KIND_INT8 = 4 };
+
+typedef struct {
+    int kind;
+    long rows, cols, group; /* group: int4's group size */
+    const void *w;
+    const void *scale;      /* int4: (scale, zero) bf16 [rows, groups, 2]; int8: fp32 [rows];
+                               fp8: fp32, one per row or one for all; bf16, fp32: none */
+    long scales;            /* fp8: how many scales (1 or rows) */
+} linear_t;
+
+/* out = W x for x in fp32, as the layer's own Python forward computes it; `xb` has room
+ * for `cols` bf16 values (bf16 and fp8 weights take x in bf16). */
+static void linear(const linear_t *l, const float *x, float *out, uint16_t *xb, int threads) {
+    if (l->kind == KIND_INT4) {
+        gemv_int4(l->w, x, l->scale, out, l->rows, l->cols, l->group, threads);
+        return;
+    }
+#if defined(__AVX512VNNI__)
+    if (l->kind == KIND_INT8) {
+        gemv_int8(l->w, x, l->scale, out, l->rows, l->cols, threads);
+        return;
+    }
+#endif
+    if (l->kind == KIND_FP32) {
+        gemv(l->w, x, out, l->rows, l->cols, KIND_FP32, threads);
+        return;
+    }
+    for (long c = 0; c < l->cols; c++) xb[c] = f32_to_bf16(x[c]);
+    gemv(l->w, xb, out, l->rows, l->cols, l->kind, threads);
+    if (l->kind == KIND_FP8) {
+        const float *s = l->scale;
+        for (long r = 0; r < l->rows; r++) out[r] *= s[l->scales > 1 ? r : 0];
+    }
+}
+
+typedef struct {
+    const float *attention_norm, *ffn_norm;
+    linear_t qkv[3], wo, gate_up[2], w2; /* q, k, v and gate, up: one fused layer or each */
+    int n_qkv, n_gate_up;
+} layer_t;
+
+typedef struct {
+    int n_layers, dim, hidden, heads, kv, hd;
+    float eps;
+    const layer_t *layers;
+    const float *norm;      /* the final RMSNorm's weight */
+} decoder_t;
+
+typedef struct {            /* where attend_one finds layer 0's keys and values */
+    float *k, *v;
+    long layer_stride, slot_stride, head_stride;
+    const long *slots;
+} kv_layout_t;
+
+static void rms_norm(const float *x, const float *weight, float *out, long n, float eps) {
+    const float inv = 1.f / sqrtf(dot_f32(x, x, n) / (float)n + eps);
+    for (long i = 0; i < n; i++) out[i] = x[i] * inv * weight[i];
+}
+
+/* x [dim]: the token's embedding in, the final norm's output out (the LM head is left to
+ * the caller). Keys and values of position `pos` are stored; `rot` is RoPE at `pos`. */
+void decode_step(const decoder_t *m, const kv_layout_t *c, long pos, const float *rot,
+                 float *x, int threads) {
+    const long dim = m->dim, hidden = m->hidden, q_size = (long)m->heads * m->hd;
+    const long kv_size = (long)m->kv * m->hd;
+    const long widest = hidden > q_size ? (hidden > dim ? hidden : dim) : (q_size > dim ? q_size : dim);
+    float *h = malloc(sizeof(float) * (dim + q_size + 2 * kv_size + q_size + dim + 2 * hidden + pos + 1));
+    float *qkv = h + dim, *att = qkv + q_size + 2 * kv_size, *o = att + q_size;
+    float *gate = o + dim, *scores = gate + 2 * hidden;
+    uint16_t *xb = malloc(sizeof(uint16_t) * widest);
+    for (int i = 0; i < m->n_layers; i++) {
+        const layer_t *l = &m->layers[i];
+        rms_norm(x, l->attention_norm, h, dim, m->eps);
+        for (long j = 0, off = 0; j < l->n_qkv; off += l->qkv[j].rows, j++)
+            linear(&l->qkv[j], h, qkv + off, xb, threads);
+        attend_one(qkv, qkv + q_size, qkv + q_size + kv_size, c->k + i * c->layer_stride,
+                   c->v + i * c->layer_stride, c->slots, c->slot_stride, c->head_stride, pos,
+                   m->heads, m->kv, m->hd, rot, scores, att);
+        linear(&l->wo, att, o, xb, threads);
+        for (long d = 0; d < dim; d++) x[d] += o[d];
+        rms_norm(x, l->ffn_norm, h, dim, m->eps);
+        for (long j = 0, off = 0; j < l->n_gate_up; off += l->gate_up[j].rows, j++)
+            linear(&l->gate_up[j], h, gate + off, xb, threads);
+        for (long d = 0; d < hidden; d++) /* SiLU(gate) * up */
+            gate[d] = gate[d] / (1.f + expf(-gate[d])) * gate[hidden + d];
+        linear(&l->w2, gate, o, xb, threads);
+        for (long d = 0; d < dim; d++) x[d] += o[d];
+    }
+    rms_norm(x, m->norm, h, dim, m->eps);
+    memcpy(x, h, sizeof(float) * dim);
+    free(xb);
+    free(h);
 }

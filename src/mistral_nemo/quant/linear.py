@@ -17,6 +17,7 @@ from torch import nn
 
 from mistral_nemo import kernels
 from mistral_nemo.errors import ConfigError
+from mistral_nemo.kernels.decoder import LinearSpec
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -111,6 +112,9 @@ class Fp8Linear(nn.Module):
             return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return tiled_linear(x, self.out_features, self._dequantize)
 
+    def kernel_spec(self) -> LinearSpec:
+        return LinearSpec(self.weight, self.weight_scale)
+
     def _dequantize(self, start: int, end: int) -> torch.Tensor:
         scale = self.weight_scale
         if scale.numel() > 1:
@@ -174,6 +178,9 @@ class Int8Linear(nn.Module):
             out = F.linear(x2, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
         return out.view(*x.shape[:-1], self.out_features)
 
+    def kernel_spec(self) -> LinearSpec:
+        return LinearSpec(self.weight, self.weight_scale)
+
     def _dequantize(self, start: int, end: int) -> torch.Tensor:
         return self.weight[start:end].float() * self.weight_scale[start:end, None]
 
@@ -204,6 +211,9 @@ class Int4Linear(nn.Module):
             out = kernels.gemv_int4(self.weight, self.scales_zeros, self.group_size, x.reshape(-1))
             return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return tiled_linear(x, self.out_features, self._dequantize)
+
+    def kernel_spec(self) -> LinearSpec:
+        return LinearSpec(self.weight, self.scales_zeros, self.group_size)
 
     def _dequantize(self, start: int, end: int) -> torch.Tensor:
         packed = self.weight[start:end]

@@ -1,0 +1,196 @@
+"""A decode step of one sequence through every layer in one C call (`decode_step` in gemv.c).
+
+The model describes its layers once (`LayerSpec`, `LinearSpec`), the cache says where this
+sequence's keys and values are (`KVLayout`), and `Decoder` runs the step in fp32: RMSNorms,
+products, RoPE, cache writes, attention, SiLU and residuals. A token of SmolLM2-135M took
+~40 small torch ops per layer besides its products; they cost as much as the products.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+from mistral_nemo.kernels import _KINDS, INT4, INT8, _library, _threads, available
+
+# Weight dtypes that come with scales.
+_SCALED = (torch.uint8, torch.int8, torch.float8_e4m3fn)
+
+
+class LinearSpec(NamedTuple):
+    """A linear layer as the kernels read it. The weight's dtype says its kind: fp32, bf16,
+    float8_e4m3fn (`scale`: fp32, one or one per row), int8 (`scale`: fp32 per row) or
+    uint8, int4 packed two a byte (`scale`: (scale, zero) bf16 [rows, groups, 2], `group`
+    its group size)."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor | None = None
+    group: int = 0
+
+    @property
+    def kind(self) -> int | None:
+        if self.weight.dtype == torch.uint8:
+            return INT4
+        if self.weight.dtype == torch.int8:
+            return INT8
+        return _KINDS.get(self.weight.dtype)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        rows, cols = self.weight.shape
+        return rows, cols * 2 if self.kind == INT4 else cols
+
+
+class LayerSpec(NamedTuple):
+    attention_norm: torch.Tensor
+    ffn_norm: torch.Tensor
+    qkv: Sequence[LinearSpec]  # q, k and v, or one layer with their rows stacked
+    wo: LinearSpec
+    gate_up: Sequence[LinearSpec]  # the gate and up projections, or one stacked
+    w2: LinearSpec
+
+
+class KVLayout(NamedTuple):
+    """Where a sequence's keys and values are, for its new token at `pos`: `k` and `v` fp32
+    [layers, ...], position p of KV head g at element slot(p) * slot_stride + g * head_stride
+    of a layer, slot(p) being `slots[p]` (int64) or p where `slots` is None; `freqs` the
+    complex RoPE rotation of each position."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    slot_stride: int
+    head_stride: int
+    slots: torch.Tensor | None
+    freqs: torch.Tensor
+    pos: int
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [
+        ("kind", ctypes.c_int),
+        ("rows", ctypes.c_long),
+        ("cols", ctypes.c_long),
+        ("group", ctypes.c_long),
+        ("w", ctypes.c_void_p),
+        ("scale", ctypes.c_void_p),
+        ("scales", ctypes.c_long),
+    ]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        ("attention_norm", ctypes.c_void_p),
+        ("ffn_norm", ctypes.c_void_p),
+        ("qkv", _Linear * 3),
+        ("wo", _Linear),
+        ("gate_up", _Linear * 2),
+        ("w2", _Linear),
+        ("n_qkv", ctypes.c_int),
+        ("n_gate_up", ctypes.c_int),
+    ]
+
+
+class _Decoder(ctypes.Structure):
+    _fields_ = [
+        *((name, ctypes.c_int) for name in ("n_layers", "dim", "hidden", "heads", "kv", "hd")),
+        ("eps", ctypes.c_float),
+        ("layers", ctypes.POINTER(_Layer)),
+        ("norm", ctypes.c_void_p),
+    ]
+
+
+class _KVLayout(ctypes.Structure):
+    _fields_ = [
+        ("k", ctypes.c_void_p),
+        ("v", ctypes.c_void_p),
+        ("layer_stride", ctypes.c_long),
+        ("slot_stride", ctypes.c_long),
+        ("head_stride", ctypes.c_long),
+        ("slots", ctypes.c_void_p),
+    ]
+
+
+def _usable(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.is_contiguous()
+
+
+class Decoder:
+    """Every layer of one token of one sequence, and the final norm, in one C call. Holds
+    the tensors it was built from (their storage stays alive however the model changes;
+    whether it is still the model's is the model's business)."""
+
+    def __init__(
+        self, layers: Sequence[LayerSpec], norm: torch.Tensor, eps: float, heads: int, kv: int
+    ) -> None:
+        self._keep: list[torch.Tensor] = [norm.detach()]
+        self._layers = (_Layer * len(layers))()
+        for layer, spec in zip(self._layers, layers, strict=True):
+            layer.attention_norm = self._pointer(spec.attention_norm)
+            layer.ffn_norm = self._pointer(spec.ffn_norm)
+            for i, linear in enumerate(spec.qkv):
+                layer.qkv[i] = self._linear(linear)
+            for i, linear in enumerate(spec.gate_up):
+                layer.gate_up[i] = self._linear(linear)
+            layer.wo, layer.w2 = self._linear(spec.wo), self._linear(spec.w2)
+            layer.n_qkv, layer.n_gate_up = len(spec.qkv), len(spec.gate_up)
+        first = layers[0]
+        dim, hidden = first.w2.shape[0], first.w2.shape[1]
+        hd = sum(x.shape[0] for x in first.qkv) // (heads + 2 * kv)
+        layers_pointer = ctypes.cast(self._layers, ctypes.POINTER(_Layer))
+        self._decoder = _Decoder(len(layers), dim, hidden, heads, kv, hd, eps, layers_pointer)
+        self._decoder.norm = self._pointer(norm)
+        self.dim = dim
+
+    @staticmethod
+    def supports(layers: Sequence[LayerSpec], norm: torch.Tensor) -> bool:
+        """Whether this machine's kernels cover every layer: fp32 norms and activations,
+        weights of kinds with a vectorized kernel, everything contiguous on the CPU."""
+        if not (available(torch.float32) and norm.dtype == torch.float32 and _usable(norm)):
+            return False
+        for spec in layers:
+            linears = [*spec.qkv, spec.wo, *spec.gate_up, spec.w2]
+            norms = (spec.attention_norm, spec.ffn_norm)
+            if len(spec.qkv) not in (1, 3) or len(spec.gate_up) not in (1, 2):
+                return False
+            if not all(t.dtype == torch.float32 and _usable(t) for t in norms):
+                return False
+            for x in linears:
+                kind = x.kind
+                if kind is None or not available(kind) or not _usable(x.weight):
+                    return False
+                if x.scale is not None and not _usable(x.scale):
+                    return False
+                if x.weight.dtype in _SCALED and x.scale is None:
+                    return False
+        return True
+
+    def _pointer(self, t: torch.Tensor) -> int:
+        self._keep.append(t.detach())
+        return t.data_ptr()
+
+    def _linear(self, spec: LinearSpec) -> _Linear:
+        rows, cols = spec.shape
+        scale = 0 if spec.scale is None else self._pointer(spec.scale)
+        scales = 0 if spec.scale is None else spec.scale.numel()
+        return _Linear(spec.kind, rows, cols, spec.group, self._pointer(spec.weight), scale, scales)
+
+    def __call__(self, x: torch.Tensor, cache: KVLayout) -> torch.Tensor:
+        """x: the token's embedding (dim values); returns the final norm's output [dim] in
+        fp32 and stores the token's keys and values at `cache.pos`."""
+        lib = _library()
+        assert lib is not None
+        out = x.reshape(self.dim).to(torch.float32, copy=True)
+        k, v = cache.k, cache.v
+        slots = 0 if cache.slots is None else cache.slots.data_ptr()
+        layout = _KVLayout(
+            k.data_ptr(), v.data_ptr(), k.stride(0), cache.slot_stride, cache.head_stride, slots
+        )
+        rotation = torch.view_as_real(cache.freqs[cache.pos])
+        lib.decode_step(
+            ctypes.byref(self._decoder), ctypes.byref(layout), cache.pos,
+            rotation.data_ptr(), out.data_ptr(), _threads(),
+        )  # fmt: skip
+        return out

@@ -1,0 +1,170 @@
+"""The C decode step (all layers of one token in one call) against the module-by-module path."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+from mistral_nemo import ModelConfig, Transformer, kernels
+from mistral_nemo.checkpoint.random_init import init_random
+from mistral_nemo.engine.paged import PagedKVCache
+from mistral_nemo.model import Linear
+
+# head_dim != dim / heads and GQA, as NeMo; widths that every int4 group size divides.
+CONFIG = ModelConfig(
+    dim=256,
+    n_layers=3,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=48,
+    hidden_dim=384,
+    vocab_size=512,
+    max_seq_len=256,
+)
+PROMPT = [5, 77, 300, 12, 9, 401]
+STEPS = 6
+
+pytestmark = pytest.mark.skipif(
+    not kernels.available(torch.float32), reason="no vectorized kernels on this machine"
+)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("decoder") / "ckpt"
+    init_random(path, CONFIG, "mistral", seed=3, dtype=torch.float32)
+    return path
+
+
+def load(checkpoint, scheme):
+    if scheme == "fp32":
+        return Transformer.from_pretrained(checkpoint, dtype=torch.float32)
+    return Transformer.from_pretrained(
+        checkpoint, dtype=torch.float32, quantize=scheme, group_size=64
+    )
+
+
+def decode_logits(model, cache_factory, through_c: bool, fed: list | None = None) -> torch.Tensor:
+    """Logits of STEPS greedy decode steps after PROMPT, each step through the C decoder or
+    through the modules (autograd on takes the module path); the tokens fed go to `fed`."""
+    cache = cache_factory(model)
+    with torch.inference_mode():
+        logits = model(torch.tensor([PROMPT]), 0, cache.prefill(len(PROMPT)), last_only=True)
+    out = []
+    for step in range(STEPS):
+        token = torch.tensor([[int(logits[0, -1].argmax())]])
+        if fed is not None:
+            fed.append(int(token))
+        pos = len(PROMPT) + step
+        with torch.inference_mode() if through_c else torch.enable_grad():
+            logits = model(token, pos, cache.decode(pos)).detach()
+        out.append(logits[0, -1])
+    return torch.stack(out)
+
+
+class Contiguous:
+    def __init__(self, model):
+        self.cache = model.new_cache(1, len(PROMPT) + STEPS)
+
+    def prefill(self, n):
+        return self.cache
+
+    def decode(self, pos):
+        return self.cache
+
+
+class Paged:
+    """One sequence in a pool of 4-slot blocks, its table out of order."""
+
+    def __init__(self, model):
+        self.cache = PagedKVCache(CONFIG, 8, 4, 64, torch.float32, torch.device("cpu"))
+        self.table = [5, 2, 7, 0]
+
+    def prefill(self, n):
+        return self.cache.step([self.table], [0], n)
+
+    def decode(self, pos):
+        return self.cache.step([self.table], [pos], 1)
+
+
+@pytest.mark.parametrize("scheme", ["fp32", "int8", "int4", "fp8", "fp8-channel"])
+@pytest.mark.parametrize("cache", [Contiguous, Paged])
+def test_decode_step_matches_the_modules(checkpoint, scheme, cache):
+    if scheme != "fp32" and not kernels.available(
+        {"int8": kernels.INT8, "int4": kernels.INT4}.get(scheme, torch.float8_e4m3fn)
+    ):
+        pytest.skip("no kernel for this scheme here")
+    model = load(checkpoint, scheme)
+    assert model.one_token_decoder() is not None
+    fast = decode_logits(model, cache, through_c=True)
+    slow = decode_logits(model, cache, through_c=False)
+    # fp32 agrees to rounding. The quantized kernels round activations to int8 (bf16 for
+    # fp8) first, where a last-bit difference upstream can flip a rounding: ~0.3% here.
+    tolerance = 1e-5 if scheme == "fp32" else 1e-2
+    assert (fast - slow).abs().max() < tolerance * slow.abs().max()
+
+
+def test_fp32_decode_matches_a_full_forward(checkpoint):
+    model = load(checkpoint, "fp32")
+    fed: list[int] = []
+    fast = decode_logits(model, Contiguous, through_c=True, fed=fed)
+    with torch.inference_mode():
+        full = model(torch.tensor([PROMPT + fed]))[0, len(PROMPT) :]
+    assert (fast - full).abs().max() < 1e-5 * full.abs().max()
+
+
+def test_separate_projections_after_fused_ones(checkpoint):
+    """Un-fusing the layers is seen (the decoder is rebuilt) and gives the same numbers."""
+    model = load(checkpoint, "int8")
+    assert model.layers[0].attention.wqkv is not None
+    fused = decode_logits(model, Contiguous, through_c=True)
+    first = model.one_token_decoder()
+    for block in model.layers:
+        block.attention.wqkv = None
+        block.feed_forward.w13 = None
+    assert model.one_token_decoder() is not first
+    separate = decode_logits(model, Contiguous, through_c=True)
+    assert (fused - separate).abs().max() < 1e-4 * fused.abs().max()
+
+
+def test_replaced_weights_and_unknown_layers_are_seen(checkpoint):
+    model = load(checkpoint, "fp32")
+    before = decode_logits(model, Contiguous, through_c=True)
+    first = model.one_token_decoder()
+    assert first is model.one_token_decoder()  # cached while nothing changed
+    wo = model.layers[1].attention.wo
+    wo.weight = torch.nn.Parameter(wo.weight.detach() * 2)
+    assert model.one_token_decoder() is not first
+    doubled = decode_logits(model, Contiguous, through_c=True)
+    assert not torch.allclose(doubled, before)
+    assert torch.allclose(doubled, decode_logits(model, Contiguous, through_c=False), atol=1e-4)
+
+    class Scaled(torch.nn.Module):  # a layer type the kernels do not know: the module path
+        def __init__(self, inner: Linear) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x) * 0.5
+
+    wo_layer = model.layers[1].attention.wo
+    model.layers[1].attention.wo = Scaled(wo_layer)
+    assert model.one_token_decoder() is None
+    assert torch.allclose(
+        decode_logits(model, Contiguous, through_c=True),
+        decode_logits(model, Contiguous, through_c=False),
+        atol=1e-5,
+    )
+
+
+def test_bf16_models_and_copies(checkpoint):
+    model = load(checkpoint, "fp32")
+    model.one_token_decoder()
+    clone = copy.deepcopy(model)
+    assert clone._built.pins is None and clone.one_token_decoder() is not None
+    assert pickle.loads(pickle.dumps(model))._built.pins is None
+    model.to(torch.bfloat16)
+    assert model.one_token_decoder() is None  # bf16 activations: the torch path
