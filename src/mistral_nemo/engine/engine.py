@@ -171,6 +171,8 @@ class Engine:
             for s in decode:
                 s.computed += 1
             seqs += decode
+            if alone and chunks:
+                kernels.pool_sleep()  # the prefill's matmuls need all the cores
         for s, n in chunks:
             step = self.cache.step([s.blocks], [s.computed], n)
             tokens = torch.tensor([s.tokens[s.computed : s.computed + n]], device=self.model.device)

@@ -61,6 +61,14 @@ def one_token_steps(enabled: bool = True) -> Iterator[None]:
         _kernel_threads = None
 
 
+def pool_sleep() -> None:
+    """Send the kernels' worker threads to sleep now rather than after their spin (about a
+    millisecond): for when torch's own threads are about to run a large op (a spinning
+    worker halves the speed of their matmuls)."""
+    if (lib := _library()) is not None:
+        lib.pool_sleep()
+
+
 def _threads() -> int:
     return _kernel_threads or torch.get_num_threads()
 
@@ -115,6 +123,8 @@ def _library() -> ctypes.CDLL | None:
     if lib.gemv_vectorized(INT8):
         lib.gemv_int8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 2 + [ctypes.c_int]
         lib.gemv_int8.restype = None
+    lib.dequantize_int4.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int]
+    lib.dequantize_int4.restype = None
     pointer = ctypes.c_void_p
     lib.decode_step.argtypes = [pointer, pointer, ctypes.c_long, pointer, pointer, ctypes.c_int]
     lib.decode_step.restype = None
@@ -158,6 +168,22 @@ def gemv_int4(
     rows, cols = packed.shape[0], packed.shape[1] * 2
     xf = x.float().contiguous()
     return _run("gemv_int4", rows, [packed, xf, scales_zeros], [rows, cols, group_size])
+
+
+def dequantize_int4(
+    packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """The fp32 weights [rows, cols] of int4 rows stored as in `gemv_int4`, about 5x faster
+    than the same in torch ops. On the calling thread: this runs between torch's matmuls,
+    whose threads the pool's spinning workers would slow down (measured: 2x)."""
+    lib = _library()
+    assert lib is not None
+    rows, cols = packed.shape[0], packed.shape[1] * 2
+    out = torch.empty(rows, cols)
+    lib.dequantize_int4(
+        packed.data_ptr(), scales_zeros.data_ptr(), out.data_ptr(), rows, cols, group_size, 1
+    )  # fmt: skip
+    return out
 
 
 def gemv_int8(weight: torch.Tensor, row_scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,8 @@ typedef struct {
     float *out;
     long rows, cols;
     int kind;          /* 0: bf16 (x bf16), 1: fp32 (x fp32), 2: fp8 e4m3fn (x bf16),
-                          3: int4 (x bf16, with sz and xsum) */
+                          3: int4 (x bf16, with sz and xsum), 4: int8 (xq, xs, row_scale),
+                          5: int4 dequantized into out [rows, cols] */
     long next;         /* next unclaimed row, taken CHUNK rows at a time by all threads */
     const uint16_t *sz; /* int4: [rows, groups, 2] bf16 (scale, zero) */
     const float *xsum;  /* int4: sum of x per group */
@@ -260,6 +261,35 @@ static float dot_int8_vnni(const int8_t *w, const int8_t *xq, const float *xs, l
 }
 #endif
 
+/* Row `w` of an int4 matrix back to fp32 in `out` (for products of several tokens, which
+ * take the weights a tile at a time): (q - 8) * scale + zero, 32 columns at a time (a group
+ * holds 32 or more). */
+static void dequantize_int4_row(const uint8_t *w, const uint16_t *sz, float *out, long n,
+                                long group) {
+    long c = 0;
+#if defined(__AVX512F__)
+    const __m512i low4 = _mm512_set1_epi32(15);
+    const __m512 eight = _mm512_set1_ps(8.f);
+    /* columns 2i and 2i+1 are the low and high nibbles of byte i */
+    const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+    for (; c + 32 <= n; c += 32) {
+        __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + c / 2)));
+        __m512 lo = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, low4)), eight);
+        __m512 hi = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), eight);
+        __m512 s = _mm512_set1_ps(bf16_to_f32(sz[2 * (c / group)]));
+        __m512 z = _mm512_set1_ps(bf16_to_f32(sz[2 * (c / group) + 1]));
+        _mm512_storeu_ps(out + c, _mm512_fmadd_ps(_mm512_permutex2var_ps(lo, first, hi), s, z));
+        _mm512_storeu_ps(out + c + 16,
+                         _mm512_fmadd_ps(_mm512_permutex2var_ps(lo, second, hi), s, z));
+    }
+#endif
+    for (; c < n; c++) {
+        float q = (float)((w[c / 2] >> (4 * (c & 1))) & 15) - 8.f;
+        out[c] = q * bf16_to_f32(sz[2 * (c / group)]) + bf16_to_f32(sz[2 * (c / group) + 1]);
+    }
+}
+
 static void *run(void *arg) {
     job_t *j = arg;
     for (;;) {
@@ -279,6 +309,10 @@ static void *run(void *arg) {
                     (dot_int8_vnni((const int8_t *)j->w + r * j->cols, j->xq, j->xs, j->cols) -
                      j->shift);
 #endif
+            else if (j->kind == 5)
+                dequantize_int4_row((const uint8_t *)j->w + r * (j->cols / 2),
+                                    j->sz + r * (j->cols / j->group) * 2, j->out + r * j->cols,
+                                    j->cols, j->group);
             else {
                 const uint8_t *w = (const uint8_t *)j->w + r * (j->cols / 2);
                 const uint16_t *sz = j->sz + r * (j->cols / j->group) * 2;
@@ -312,8 +346,9 @@ int gemv_vectorized(int kind) {
 /* A pool of worker threads, started once: a decode step makes a few hundred calls, and
  * starting threads for each cost more than the small products themselves. Workers spin on
  * the job counter for a while (the next call usually comes within microseconds), then
- * sleep on a condition variable. */
-enum { MAX_THREADS = 64, SPIN = 200000 };
+ * sleep on a condition variable. The spin covers the gaps between decode steps (sampling,
+ * Python); `pool_sleep` ends it at once, for when torch's own threads take over. */
+enum { MAX_THREADS = 64, SPIN = 40000 }; /* a pause is ~25 ns here: ~1 ms of spinning */
 static pthread_mutex_t call_lock = PTHREAD_MUTEX_INITIALIZER; /* one job at a time */
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t pool_wake = PTHREAD_COND_INITIALIZER;
@@ -323,6 +358,9 @@ static int pool_wanted;   /* workers that should take part in the current job */
 static int pool_started;
 static int pool_busy;     /* workers still on the current job */
 static long pool_first_serial[MAX_THREADS]; /* the serial before a worker's first job */
+static int pool_quiet;    /* set by pool_sleep, cleared by the next job */
+
+void pool_sleep(void) { __atomic_store_n(&pool_quiet, 1, __ATOMIC_RELEASE); }
 
 static void *worker(void *arg) {
     int id = (int)(long)arg;
@@ -331,7 +369,7 @@ static void *worker(void *arg) {
         long serial;
         int spins = 0;
         while ((serial = __atomic_load_n(&pool_serial, __ATOMIC_ACQUIRE)) == seen &&
-               spins++ < SPIN)
+               spins++ < SPIN && !__atomic_load_n(&pool_quiet, __ATOMIC_RELAXED))
             __builtin_ia32_pause();
         if (serial == seen) {
             pthread_mutex_lock(&pool_lock);
@@ -381,6 +419,7 @@ static void run_threads(job_t *job, int threads) {
     }
     int helpers = threads - 1 < pool_started ? threads - 1 : pool_started;
     pool_job = job;
+    pool_quiet = 0;
     pool_wanted = helpers;
     pool_busy = helpers;
     __atomic_fetch_add(&pool_serial, 1, __ATOMIC_RELEASE);
@@ -393,6 +432,13 @@ static void run_threads(job_t *job, int threads) {
 
 void gemv(const void *w, const void *x, float *out, long rows, long cols, int kind, int threads) {
     job_t job = {w, x, out, rows, cols, kind, 0, NULL, NULL, 1, NULL, NULL, NULL, 0.f};
+    run_threads(&job, threads);
+}
+
+/* out [rows, cols] = the int4 weights in fp32 (as Int4Linear stores them). */
+void dequantize_int4(const uint8_t *w, const uint16_t *sz, float *out, long rows, long cols,
+                     long group, int threads) {
+    job_t job = {w, NULL, out, rows, cols, 5, 0, sz, NULL, group, NULL, NULL, NULL, 0.f};
     run_threads(&job, threads);
 }
 

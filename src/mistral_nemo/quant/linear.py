@@ -217,6 +217,8 @@ class Int4Linear(nn.Module):
 
     def _dequantize(self, start: int, end: int) -> torch.Tensor:
         packed = self.weight[start:end]
+        if packed.device.type == "cpu" and kernels.available(torch.float32):
+            return kernels.dequantize_int4(packed, self.scales_zeros[start:end], self.group_size)
         q = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
         scale, zero = self.scales_zeros[start:end].float().unbind(-1)
         groups = (q.float() - 8).reshape(q.shape[0], -1, self.group_size)
