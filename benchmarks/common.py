@@ -7,7 +7,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -27,6 +27,18 @@ def best_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def decode_rate(tokens: Iterable[object], n: int) -> float:
+    """Tokens/s of decode steps alone: the time from a generator's first token (which comes
+    after the prefill) to its (n+1)-th, so the prefill's own variation stays out."""
+    start = 0.0
+    for i, _ in enumerate(tokens):
+        if i == 0:
+            start = time.perf_counter()
+        elif i == n:
+            return n / (time.perf_counter() - start)
+    raise ValueError(f"the generator stopped before {n + 1} tokens")
 
 
 def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:

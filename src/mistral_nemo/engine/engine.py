@@ -160,18 +160,25 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one forward pass for the scheduled tokens; outputs of requests that advanced."""
         decode, chunks = self._schedule()
+        # A lone sequence's decode step, with no prefill alongside, runs on one torch thread,
+        # sampling included, and leaves the cores to the kernels (see one_token_steps).
+        lone = len(decode) == 1 and not chunks and self.model.config.dim >= kernels.MIN_COLUMNS
+        with kernels.one_token_steps(lone):
+            return self._step(decode, chunks)
+
+    def _step(
+        self, decode: list[Sequence], chunks: list[tuple[Sequence, int]]
+    ) -> list[RequestOutput]:
         seqs: list[Sequence] = []
         rows: list[torch.Tensor] = []  # next-token logits, [n, vocab] each
         if decode:
             step = self.cache.step([s.blocks for s in decode], [s.computed for s in decode], 1)
             tokens = torch.tensor([[s.tokens[-1]] for s in decode], device=self.model.device)
-            alone = len(decode) == 1 and self.model.config.dim >= kernels.MIN_COLUMNS
-            with kernels.one_token_steps(alone):
-                rows.append(self.model(tokens, cache=step)[:, -1])
+            rows.append(self.model(tokens, cache=step)[:, -1])
             for s in decode:
                 s.computed += 1
             seqs += decode
-            if alone and chunks:
+            if chunks:
                 kernels.pool_sleep()  # the prefill's matmuls need all the cores
         for s, n in chunks:
             step = self.cache.step([s.blocks], [s.computed], n)
