@@ -22,7 +22,7 @@ CONFIG = ModelConfig(
     head_dim=48,
     hidden_dim=384,
     vocab_size=512,
-    max_seq_len=256,
+    max_seq_len=1024,
 )
 PROMPT = [5, 77, 300, 12, 9, 401]
 STEPS = 6
@@ -47,18 +47,20 @@ def load(checkpoint, scheme):
     )
 
 
-def decode_logits(model, cache_factory, through_c: bool, fed: list | None = None) -> torch.Tensor:
-    """Logits of STEPS greedy decode steps after PROMPT, each step through the C decoder or
+def decode_logits(
+    model, cache_factory, through_c: bool, fed: list | None = None, prompt: list = PROMPT
+) -> torch.Tensor:
+    """Logits of STEPS greedy decode steps after `prompt`, each step through the C decoder or
     through the modules (autograd on takes the module path); the tokens fed go to `fed`."""
-    cache = cache_factory(model)
+    cache = cache_factory(model, len(prompt) + STEPS)
     with torch.inference_mode():
-        logits = model(torch.tensor([PROMPT]), 0, cache.prefill(len(PROMPT)), last_only=True)
+        logits = model(torch.tensor([prompt]), 0, cache.prefill(len(prompt)), last_only=True)
     out = []
     for step in range(STEPS):
         token = torch.tensor([[int(logits[0, -1].argmax())]])
         if fed is not None:
             fed.append(int(token))
-        pos = len(PROMPT) + step
+        pos = len(prompt) + step
         with torch.inference_mode() if through_c else torch.enable_grad():
             logits = model(token, pos, cache.decode(pos)).detach()
         out.append(logits[0, -1])
@@ -66,8 +68,8 @@ def decode_logits(model, cache_factory, through_c: bool, fed: list | None = None
 
 
 class Contiguous:
-    def __init__(self, model):
-        self.cache = model.new_cache(1, len(PROMPT) + STEPS)
+    def __init__(self, model, length):
+        self.cache = model.new_cache(1, length)
 
     def prefill(self, n):
         return self.cache
@@ -79,9 +81,11 @@ class Contiguous:
 class Paged:
     """One sequence in a pool of 4-slot blocks, its table out of order."""
 
-    def __init__(self, model):
-        self.cache = PagedKVCache(CONFIG, 8, 4, 64, torch.float32, torch.device("cpu"))
-        self.table = [5, 2, 7, 0]
+    def __init__(self, model, length):
+        blocks = -(-length // 4)
+        self.cache = PagedKVCache(CONFIG, blocks + 3, 4, 1024, torch.float32, torch.device("cpu"))
+        self.table = torch.randperm(blocks + 3, generator=torch.Generator().manual_seed(0))
+        self.table = self.table[:blocks].tolist()
 
     def prefill(self, n):
         return self.cache.step([self.table], [0], n)
@@ -105,6 +109,17 @@ def test_decode_step_matches_the_modules(checkpoint, scheme, cache):
     # fp8) first, where a last-bit difference upstream can flip a rounding: ~0.3% here.
     tolerance = 1e-5 if scheme == "fp32" else 1e-2
     assert (fast - slow).abs().max() < tolerance * slow.abs().max()
+
+
+@pytest.mark.parametrize("cache", [Contiguous, Paged])
+def test_long_context_attention_on_all_threads(checkpoint, cache):
+    """Past 64k multiply-adds (here 4 heads x 48 x 341 positions) the heads are shared by
+    the worker threads."""
+    model = load(checkpoint, "fp32")
+    prompt = torch.randint(3, 500, (400,), generator=torch.Generator().manual_seed(1)).tolist()
+    fast = decode_logits(model, cache, through_c=True, prompt=prompt)
+    slow = decode_logits(model, cache, through_c=False, prompt=prompt)
+    assert (fast - slow).abs().max() < 1e-5 * slow.abs().max()
 
 
 def test_fp32_decode_matches_a_full_forward(checkpoint):

@@ -58,7 +58,7 @@ class KVCache:
         usable = self.k.dtype == torch.float32 and self.k.device.type == "cpu"
         if b != 1 or not 0 <= start < max_len or not usable:
             return None  # (the C step writes at `start` unchecked)
-        return KVLayout(self.k, self.v, hd, max_len * hd, None, self.freqs, start)
+        return KVLayout(self.k, self.v, hd, max_len * hd, self.freqs, start)
 
 
 class AttentionCache(Protocol):

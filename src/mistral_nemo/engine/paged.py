@@ -11,6 +11,7 @@ model.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -83,54 +84,59 @@ class PagedStep:
         starts: Sequence[int],
         length: int,
     ) -> None:
-        device = cache.k.device
-        bs = cache.block_size
-        self.cache = cache
-        self.positions = (
-            torch.tensor(starts, device=device)[:, None]
-            + torch.arange(length, device=device)[None, :]
-        )  # [B, T]
-        ends = [s + length for s in starts]
-        longest = max(ends)
-        # Slot of every position 0..longest-1 of every sequence (padding repeats slot 0).
+        self.cache, self.tables, self.starts, self.length = cache, tables, starts, length
+
+    @cached_property
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """For torch's path: positions [B, T], the slots of positions 0..longest-1 [B,
+        longest] (padding repeats slot 0), the slots to write [B * T], and the mask."""
+        device, bs = self.cache.k.device, self.cache.block_size
+        positions = (
+            torch.tensor(self.starts, device=device)[:, None]
+            + torch.arange(self.length, device=device)[None, :]
+        )
+        longest = max(self.starts) + self.length
         n = -(-longest // bs)
-        table = torch.tensor([[*t[:n], *[0] * (n - len(t[:n]))] for t in tables])
+        table = torch.tensor([[*t[:n], *[0] * (n - len(t[:n]))] for t in self.tables])
         slots = (table[:, :, None] * bs + torch.arange(bs)).flatten(1)[:, :longest].to(device)
-        self.read_slots = slots
-        self.write_slots = slots.gather(1, self.positions).reshape(-1)
-        # A lone sequence's decode step: its position and slots, for one_token_layout.
-        self.lone = (starts[0], slots[0].contiguous()) if len(tables) == length == 1 else None
-        self.mask: torch.Tensor | None = None
-        if len(tables) > 1 or length > 1:
+        mask = None
+        if len(self.tables) > 1 or self.length > 1:
             # Key j is visible to the query at position p when j <= p (causal, and it masks
             # the padding past each sequence's end).
-            self.mask = (
-                torch.arange(longest, device=device)[None, None, :] <= self.positions[:, :, None]
-            )[:, None]  # [B, 1, T, longest]
+            mask = (torch.arange(longest, device=device)[None, None, :] <= positions[:, :, None])[
+                :, None
+            ]  # [B, 1, T, longest]
+        return positions, slots, slots.gather(1, positions).reshape(-1), mask
 
     def rope(self, start: int, length: int) -> torch.Tensor:
-        return self.cache.freqs[self.positions]
+        return self.cache.freqs[self._batch[0]]
 
     def one_token_layout(self, start: int) -> KVLayout | None:
         """A lone sequence's decode step reads its blocks in place (fp32 caches)."""
         c = self.cache
-        if self.lone is None or c.kv_dtype != torch.float32 or c.k.device.type != "cpu":
+        if len(self.tables) != 1 or self.length != 1:
             return None
-        pos, slots = self.lone
+        if c.kv_dtype != torch.float32 or c.k.device.type != "cpu":
+            return None
+        pos, bs = self.starts[0], c.block_size
+        if len(self.tables[0]) <= pos // bs:
+            return None  # (the C step writes at `pos` unchecked)
+        blocks = torch.tensor(self.tables[0][: pos // bs + 1])
         kv, hd = c.k.shape[2:]
-        return KVLayout(c.k, c.v, kv * hd, hd, slots, c.freqs, pos)
+        return KVLayout(c.k, c.v, kv * hd, hd, c.freqs, pos, blocks, bs)
 
     def attend(
         self, layer: int, start: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
         b, kv_heads, t, head_dim = k.shape
+        _, read_slots, write_slots, mask = self._batch
         self.cache.store(
             layer,
-            self.write_slots,
+            write_slots,
             k.transpose(1, 2).reshape(-1, kv_heads, head_dim),
             v.transpose(1, 2).reshape(-1, kv_heads, head_dim),
         )
-        keys, values = self.cache.read(layer, self.read_slots)  # [B, kv_heads, longest, hd]
+        keys, values = self.cache.read(layer, read_slots)  # [B, kv_heads, longest, hd]
         if t == 1:
-            return decode_attention(q, keys, values, self.mask)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask, enable_gqa=True)
+            return decode_attention(q, keys, values, mask)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)

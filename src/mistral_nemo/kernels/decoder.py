@@ -56,16 +56,18 @@ class LayerSpec(NamedTuple):
 class KVLayout(NamedTuple):
     """Where a sequence's keys and values are, for its new token at `pos`: `k` and `v` fp32
     [layers, ...], position p of KV head g at element slot(p) * slot_stride + g * head_stride
-    of a layer, slot(p) being `slots[p]` (int64) or p where `slots` is None; `freqs` the
-    complex RoPE rotation of each position."""
+    of a layer; slot(p) is p, or with a paged cache's block table `blocks` (int64),
+    blocks[p // block_size] * block_size + p % block_size. `freqs`: the complex RoPE
+    rotation of each position."""
 
     k: torch.Tensor
     v: torch.Tensor
     slot_stride: int
     head_stride: int
-    slots: torch.Tensor | None
     freqs: torch.Tensor
     pos: int
+    blocks: torch.Tensor | None = None
+    block_size: int = 1
 
 
 class _Linear(ctypes.Structure):
@@ -109,7 +111,8 @@ class _KVLayout(ctypes.Structure):
         ("layer_stride", ctypes.c_long),
         ("slot_stride", ctypes.c_long),
         ("head_stride", ctypes.c_long),
-        ("slots", ctypes.c_void_p),
+        ("blocks", ctypes.c_void_p),
+        ("block_size", ctypes.c_long),
     ]
 
 
@@ -184,10 +187,11 @@ class Decoder:
         assert lib is not None
         out = x.reshape(self.dim).to(torch.float32, copy=True)
         k, v = cache.k, cache.v
-        slots = 0 if cache.slots is None else cache.slots.data_ptr()
+        blocks = 0 if cache.blocks is None else cache.blocks.data_ptr()
         layout = _KVLayout(
-            k.data_ptr(), v.data_ptr(), k.stride(0), cache.slot_stride, cache.head_stride, slots
-        )
+            k.data_ptr(), v.data_ptr(), k.stride(0), cache.slot_stride, cache.head_stride,
+            blocks, cache.block_size,
+        )  # fmt: skip
         rotation = torch.view_as_real(cache.freqs[cache.pos])
         lib.decode_step(
             ctypes.byref(self._decoder), ctypes.byref(layout), cache.pos,

@@ -22,7 +22,7 @@ typedef struct {
     int kind;          /* 0: bf16 (x bf16), 1: fp32 (x fp32), 2: fp8 e4m3fn (x bf16),
                           3: int4 (x bf16, with sz and xsum), 4: int8 (xq, xs, row_scale),
                           5: int4 dequantized into out [rows, cols] */
-    long next;         /* next unclaimed row, taken CHUNK rows at a time by all threads */
+    long next;         /* next unclaimed row, taken `chunk` rows at a time by all threads */
     const uint16_t *sz; /* int4: [rows, groups, 2] bf16 (scale, zero) */
     const float *xsum;  /* int4: sum of x per group */
     long group;
@@ -31,6 +31,9 @@ typedef struct {
     const float *xs;    /* its scale per group */
     const float *row_scale; /* int8: per output row */
     float shift;        /* int8: 128 * sum over groups of xs * sum(xq) */
+    void (*each)(const void *ctx, long row); /* any other job: called for each row */
+    const void *ctx;
+    long chunk;         /* rows per claim (0: CHUNK) */
 } job_t;
 
 /* Rows are claimed in small chunks rather than split in equal halves up front, so a thread
@@ -293,11 +296,14 @@ static void dequantize_int4_row(const uint8_t *w, const uint16_t *sz, float *out
 static void *run(void *arg) {
     job_t *j = arg;
     for (;;) {
-        long r0 = __atomic_fetch_add(&j->next, CHUNK, __ATOMIC_RELAXED);
+        const long step = j->chunk ? j->chunk : CHUNK;
+        long r0 = __atomic_fetch_add(&j->next, step, __ATOMIC_RELAXED);
         if (r0 >= j->rows) return NULL;
-        long r1 = r0 + CHUNK < j->rows ? r0 + CHUNK : j->rows;
+        long r1 = r0 + step < j->rows ? r0 + step : j->rows;
         for (long r = r0; r < r1; r++) {
-            if (j->kind == 0)
+            if (j->each)
+                j->each(j->ctx, r);
+            else if (j->kind == 0)
                 j->out[r] = dot_bf16((const uint16_t *)j->w + r * j->cols, j->x, j->cols);
             else if (j->kind == 1)
                 j->out[r] = dot_f32((const float *)j->w + r * j->cols, j->x, j->cols);
@@ -397,7 +403,8 @@ static void forget_pool(void) { /* in a forked child, which has none of the work
 }
 
 static void run_threads(job_t *job, int threads) {
-    long chunks = (job->rows + CHUNK - 1) / CHUNK;
+    const long step = job->chunk ? job->chunk : CHUNK;
+    long chunks = (job->rows + step - 1) / step;
     if (threads > chunks) threads = (int)chunks;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads <= 1) {
@@ -519,17 +526,107 @@ void gemv_int8(const int8_t *w, const float *x, const float *row_scale, float *o
 }
 #endif
 
-/* One new token's attention in one layer, all in fp32 (one sequence): rotate q [heads, hd]
- * and k [kv, hd] in place by RoPE at `pos` (interleaved pairs; `rot` holds cos, sin for each
- * pair), store k and v in the caches at `pos`, then out[h] = softmax(q_h . K^T / sqrt(hd)) V
- * over positions 0..pos, with the K and V of KV head h / (heads / kv). Position p of KV head
- * g lives at element (slot(p) * slot_stride + g * head_stride) of a cache, slot(p) being
- * slots[p], or p where `slots` is NULL: so one function serves the contiguous cache
- * [kv, max_len, hd] and the paged pool [slots, kv, hd]. Replaces some thirty small torch
- * ops per layer when decoding. */
-void attend_one(float *q, float *k, const float *v, float *kc, float *vc, const long *slots,
-                long slot_stride, long head_stride, long pos, int heads, int kv, int hd,
-                const float *rot, float *scores, float *out) {
+/* Attention of one new token, all in fp32 (one sequence): out[h] = softmax(q_h . K^T /
+ * sqrt(hd)) V over positions 0..n-1, with the K and V of KV head h / (heads / kv). Position p
+ * of KV head g lives at element offs[p] + g * head_stride of a cache: so one function serves
+ * the contiguous cache [kv, max_len, hd] and the paged pool [slots, kv, hd].
+ *
+ * The work is split by KV head and by spans of positions (as in flash-decoding), so that
+ * each K and V row is read once for all the query heads that share it, and a long context
+ * keeps every thread busy. Each span leaves, per query head, its unnormalized output, its
+ * highest score and its sum of exponentials; the spans are then merged. */
+typedef struct {
+    const float *q, *kc, *vc;
+    const long *offs;
+    long head_stride, n, span, spans;
+    int heads, kv, hd;
+    float *scores; /* [kv * spans, heads / kv, span] */
+    float *part;   /* [kv * spans, heads / kv, hd + 2]: output, highest score, sum */
+} attention_t;
+
+#if defined(__AVX512F__)
+/* e^x for x in [-87, 88]: 2^n e^r with n = round(x / ln 2) and |r| <= ln(2) / 2, e^r by its
+ * Taylor polynomial of degree 6 (relative error ~1e-7, about glibc's expf). */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x); /* ln 2, split */
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+    __m512 p = _mm512_set1_ps(1.f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+/* x[i] = e^(x[i] - shift); returns their sum. */
+static float exp_shifted(float *x, long n, float shift) {
+    long i = 0;
+    float total = 0.f;
+#if defined(__AVX512F__)
+    __m512 sum = _mm512_setzero_ps();
+    for (; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), _mm512_set1_ps(shift)));
+        _mm512_mask_storeu_ps(x + i, m, e);
+        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
+    }
+    total = _mm512_reduce_add_ps(sum);
+#endif
+    for (; i < n; i++) total += x[i] = expf(x[i] - shift);
+    return total;
+}
+
+static void attend_span(const void *arg, long job) {
+    const attention_t *a = arg;
+    const int group = a->heads / a->kv, hd = a->hd;
+    const long g = job / a->spans, p0 = (job % a->spans) * a->span;
+    const long len = a->n - p0 < a->span ? a->n - p0 : a->span, head = g * a->head_stride;
+    const float *kc = a->kc + head, *vc = a->vc + head, scale = 1.f / sqrtf((float)hd);
+    float *scores = a->scores + job * group * a->span;
+    for (long p = 0; p < len; p++)
+        for (int j = 0; j < group; j++)
+            scores[j * a->span + p] =
+                dot_f32(kc + a->offs[p0 + p], a->q + ((long)g * group + j) * hd, hd) * scale;
+    for (int j = 0; j < group; j++) {
+        float *s = scores + j * a->span, *out = a->part + (job * group + j) * (hd + 2), top = s[0];
+        for (long p = 1; p < len; p++) top = s[p] > top ? s[p] : top;
+        out[hd] = top;
+        out[hd + 1] = exp_shifted(s, len, top);
+        int d = 0;
+#if defined(__AVX512F__)
+        /* 16 output dims at a time over the span: one cache line of each V row per pass */
+        for (; d + 16 <= hd; d += 16) {
+            __m512 acc = _mm512_setzero_ps();
+            for (long p = 0; p < len; p++)
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(s[p]),
+                                      _mm512_loadu_ps(vc + a->offs[p0 + p] + d), acc);
+            _mm512_storeu_ps(out + d, acc);
+        }
+#endif
+        for (; d < hd; d++) {
+            float acc = 0.f;
+            for (long p = 0; p < len; p++) acc += s[p] * vc[a->offs[p0 + p] + d];
+            out[d] = acc;
+        }
+    }
+}
+
+/* Below this many multiply-adds, attention stays on the calling thread; spans are at least
+ * SPAN positions. */
+enum { PARALLEL_ATTENTION = 1 << 16, SPAN = 128 };
+
+/* RoPE on q [heads, hd] and k [kv, hd] in place at `pos` (interleaved pairs; `rot` holds
+ * cos, sin for each pair), k and v stored at `pos`, then attention over 0..pos into `out`.
+ * `scratch` holds (pos + 1 + 4 threads) * heads + (hd + 2) * heads * 4 threads floats. */
+static void attend_one(float *q, float *k, const float *v, float *kc, float *vc,
+                       const long *offs, long head_stride, long pos, int heads, int kv, int hd,
+                       const float *rot, float *scratch, float *out, int threads) {
     for (int h = 0; h < heads + kv; h++) {
         float *x = h < heads ? q + (long)h * hd : k + (long)(h - heads) * hd;
         for (int i = 0; i < hd / 2; i++) {
@@ -538,32 +635,38 @@ void attend_one(float *q, float *k, const float *v, float *kc, float *vc, const 
             x[2 * i + 1] = a * s + b * c;
         }
     }
-    long here = (slots ? slots[pos] : pos) * slot_stride;
     for (int g = 0; g < kv; g++) {
-        memcpy(kc + here + g * head_stride, k + (long)g * hd, sizeof(float) * hd);
-        memcpy(vc + here + g * head_stride, v + (long)g * hd, sizeof(float) * hd);
+        memcpy(kc + offs[pos] + g * head_stride, k + (long)g * hd, sizeof(float) * hd);
+        memcpy(vc + offs[pos] + g * head_stride, v + (long)g * hd, sizeof(float) * hd);
     }
-    const float scale = 1.f / sqrtf((float)hd);
-    for (int h = 0; h < heads; h++) {
-        const float *qh = q + (long)h * hd;
-        long head = (long)(h / (heads / kv)) * head_stride;
-        float top = -INFINITY, total = 0.f;
-        for (long p = 0; p <= pos; p++) {
-            long at = (slots ? slots[p] : p) * slot_stride + head;
-            scores[p] = dot_f32(kc + at, qh, hd) * scale;
-            top = scores[p] > top ? scores[p] : top;
-        }
-        for (long p = 0; p <= pos; p++) {
-            scores[p] = expf(scores[p] - top);
-            total += scores[p];
-        }
-        float *o = out + (long)h * hd;
+    const long n = pos + 1;
+    if (n * heads * hd < PARALLEL_ATTENTION) threads = 1;
+    /* about four jobs per thread, of SPAN positions or more */
+    long spans = (4L * threads + kv - 1) / kv, most = (n + SPAN - 1) / SPAN;
+    spans = spans < most ? spans : most;
+    const long span = (n + spans - 1) / spans;
+    spans = (n + span - 1) / span;
+    float *part = scratch + (long)heads * spans * span;
+    attention_t a = {q, kc, vc, offs, head_stride, n, span, spans, heads, kv, hd, scratch, part};
+    job_t job = {0};
+    job.rows = kv * spans;
+    job.each = attend_span;
+    job.ctx = &a;
+    job.chunk = 1;
+    run_threads(&job, threads);
+    const int group = heads / kv;
+    for (int h = 0; h < heads; h++) { /* merge the spans */
+        const float *first = part + ((long)(h / group) * spans * group + h % group) * (hd + 2);
+        const long stride = (long)group * (hd + 2); /* from one span to the next */
+        float top = -INFINITY, total = 0.f, *o = out + (long)h * hd;
+        for (long s = 0; s < spans; s++) top = first[s * stride + hd] > top ? first[s * stride + hd] : top;
         memset(o, 0, sizeof(float) * hd);
-        for (long p = 0; p <= pos; p++) {
-            const float w = scores[p] / total;
-            const float *vp = vc + (slots ? slots[p] : p) * slot_stride + head;
-            for (int d = 0; d < hd; d++) o[d] += w * vp[d];
+        for (long s = 0; s < spans; s++) {
+            const float *ps = first + s * stride, w = expf(ps[hd] - top);
+            total += w * ps[hd + 1];
+            for (int d = 0; d < hd; d++) o[d] += w * ps[d];
         }
+        for (int d = 0; d < hd; d++) o[d] /= total;
     }
 }
 
@@ -621,11 +724,28 @@ typedef struct {
     const float *norm;      /* the final RMSNorm's weight */
 } decoder_t;
 
-typedef struct {            /* where attend_one finds layer 0's keys and values */
+typedef struct {            /* where layer 0's keys and values are (see attention_t) */
     float *k, *v;
     long layer_stride, slot_stride, head_stride;
-    const long *slots;
+    const long *blocks;     /* a paged cache's block table: position p is in slot
+                               blocks[p / block_size] * block_size + p % block_size; or NULL:
+                               slot p */
+    long block_size;
 } kv_layout_t;
+
+/* gate[i] = SiLU(gate[i]) * up[i] */
+static void silu_times(float *gate, const float *up, long n) {
+    long i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16) {
+        __m512 g = _mm512_loadu_ps(gate + i);
+        __m512 sig = _mm512_div_ps(_mm512_set1_ps(1.f),
+                                   _mm512_add_ps(_mm512_set1_ps(1.f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+        _mm512_storeu_ps(gate + i, _mm512_mul_ps(_mm512_mul_ps(g, sig), _mm512_loadu_ps(up + i)));
+    }
+#endif
+    for (; i < n; i++) gate[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
+}
 
 static void rms_norm(const float *x, const float *weight, float *out, long n, float eps) {
     const float inv = 1.f / sqrtf(dot_f32(x, x, n) / (float)n + eps);
@@ -639,30 +759,38 @@ void decode_step(const decoder_t *m, const kv_layout_t *c, long pos, const float
     const long dim = m->dim, hidden = m->hidden, q_size = (long)m->heads * m->hd;
     const long kv_size = (long)m->kv * m->hd;
     const long widest = hidden > q_size ? (hidden > dim ? hidden : dim) : (q_size > dim ? q_size : dim);
-    float *h = malloc(sizeof(float) * (dim + q_size + 2 * kv_size + q_size + dim + 2 * hidden + pos + 1));
+    const long n = pos + 1;
+    const long attention_scratch = (n + 4L * threads + (m->hd + 2L) * 4 * threads) * m->heads;
+    float *h = malloc(sizeof(float) * (dim + q_size + 2 * kv_size + q_size + dim + 2 * hidden +
+                                       attention_scratch));
     float *qkv = h + dim, *att = qkv + q_size + 2 * kv_size, *o = att + q_size;
-    float *gate = o + dim, *scores = gate + 2 * hidden;
+    float *gate = o + dim, *scratch = gate + 2 * hidden;
     uint16_t *xb = malloc(sizeof(uint16_t) * widest);
+    long *offs = malloc(sizeof(long) * n); /* of each position's slot, the same in all layers */
+    for (long p = 0; p < n; p++) {
+        long bs = c->block_size;
+        offs[p] = (c->blocks ? c->blocks[p / bs] * bs + p % bs : p) * c->slot_stride;
+    }
     for (int i = 0; i < m->n_layers; i++) {
         const layer_t *l = &m->layers[i];
         rms_norm(x, l->attention_norm, h, dim, m->eps);
         for (long j = 0, off = 0; j < l->n_qkv; off += l->qkv[j].rows, j++)
             linear(&l->qkv[j], h, qkv + off, xb, threads);
         attend_one(qkv, qkv + q_size, qkv + q_size + kv_size, c->k + i * c->layer_stride,
-                   c->v + i * c->layer_stride, c->slots, c->slot_stride, c->head_stride, pos,
-                   m->heads, m->kv, m->hd, rot, scores, att);
+                   c->v + i * c->layer_stride, offs, c->head_stride, pos, m->heads, m->kv,
+                   m->hd, rot, scratch, att, threads);
         linear(&l->wo, att, o, xb, threads);
         for (long d = 0; d < dim; d++) x[d] += o[d];
         rms_norm(x, l->ffn_norm, h, dim, m->eps);
         for (long j = 0, off = 0; j < l->n_gate_up; off += l->gate_up[j].rows, j++)
             linear(&l->gate_up[j], h, gate + off, xb, threads);
-        for (long d = 0; d < hidden; d++) /* SiLU(gate) * up */
-            gate[d] = gate[d] / (1.f + expf(-gate[d])) * gate[hidden + d];
+        silu_times(gate, gate + hidden, hidden);
         linear(&l->w2, gate, o, xb, threads);
         for (long d = 0; d < dim; d++) x[d] += o[d];
     }
     rms_norm(x, m->norm, h, dim, m->eps);
     memcpy(x, h, sizeof(float) * dim);
+    free(offs);
     free(xb);
     free(h);
 }
