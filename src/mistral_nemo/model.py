@@ -366,9 +366,9 @@ class Transformer(nn.Module):
                      for i in range(len(layers))]  # fmt: skip
             norm = cast(torch.Tensor, built.pin(cast(nn.Module, built.pin(self, "norm")), "weight"))
             complete = [spec for spec in specs if spec is not None]
-            if specs and len(complete) == len(specs) and Decoder.supports(complete, norm):
-                c = self.config
-                built.decoder = Decoder(complete, norm, c.norm_eps, c.n_heads, c.n_kv_heads)
+            shape = (self.config.n_heads, self.config.n_kv_heads, self.config.head_dim)
+            if specs and len(complete) == len(specs) and Decoder.supports(complete, norm, *shape):
+                built.decoder = Decoder(complete, norm, self.config.norm_eps, *shape)
         return built.decoder
 
     def _apply(self, fn, recurse=True):

@@ -120,13 +120,33 @@ def _usable(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.is_contiguous()
 
 
+def _linear_ok(x: LinearSpec) -> bool:
+    kind, (rows, cols) = x.kind, x.shape
+    if kind is None or not available(kind) or not _usable(x.weight):
+        return False
+    if x.scale is None:
+        return x.weight.dtype not in _SCALED
+    if not _usable(x.scale):
+        return False
+    if kind == INT4:
+        return x.group > 0 and cols % x.group == 0 and x.scale.numel() == rows * cols // x.group * 2
+    return x.scale.numel() in ((rows,) if kind == INT8 else (1, rows))
+
+
 class Decoder:
-    """Every layer of one token of one sequence, and the final norm, in one C call. Holds
-    the tensors it was built from (their storage stays alive however the model changes;
-    whether it is still the model's is the model's business)."""
+    """Every layer of one token of one sequence, and the final norm, in one C call, for
+    layers that `supports` accepts. Holds the tensors it was built from (their storage stays
+    alive however the model changes; whether it is still the model's is the model's
+    business)."""
 
     def __init__(
-        self, layers: Sequence[LayerSpec], norm: torch.Tensor, eps: float, heads: int, kv: int
+        self,
+        layers: Sequence[LayerSpec],
+        norm: torch.Tensor,
+        eps: float,
+        heads: int,
+        kv: int,
+        head_dim: int,
     ) -> None:
         self._keep: list[torch.Tensor] = [norm.detach()]
         self._layers = (_Layer * len(layers))()
@@ -141,33 +161,40 @@ class Decoder:
             layer.n_qkv, layer.n_gate_up = len(spec.qkv), len(spec.gate_up)
         first = layers[0]
         dim, hidden = first.w2.shape[0], first.w2.shape[1]
-        hd = sum(x.shape[0] for x in first.qkv) // (heads + 2 * kv)
         layers_pointer = ctypes.cast(self._layers, ctypes.POINTER(_Layer))
-        self._decoder = _Decoder(len(layers), dim, hidden, heads, kv, hd, eps, layers_pointer)
+        self._decoder = _Decoder(len(layers), dim, hidden, heads, kv, head_dim, eps, layers_pointer)
         self._decoder.norm = self._pointer(norm)
         self.dim = dim
 
     @staticmethod
-    def supports(layers: Sequence[LayerSpec], norm: torch.Tensor) -> bool:
+    def supports(
+        layers: Sequence[LayerSpec], norm: torch.Tensor, heads: int, kv: int, head_dim: int
+    ) -> bool:
         """Whether this machine's kernels cover every layer: fp32 norms and activations,
-        weights of kinds with a vectorized kernel, everything contiguous on the CPU."""
+        weights of kinds with a vectorized kernel, everything contiguous on the CPU, and
+        every shape what the C step assumes (it reads by these numbers, unchecked)."""
         if not (available(torch.float32) and norm.dtype == torch.float32 and _usable(norm)):
             return False
+        dim, q_size = norm.numel(), heads * head_dim
         for spec in layers:
-            linears = [*spec.qkv, spec.wo, *spec.gate_up, spec.w2]
-            norms = (spec.attention_norm, spec.ffn_norm)
             if len(spec.qkv) not in (1, 3) or len(spec.gate_up) not in (1, 2):
                 return False
-            if not all(t.dtype == torch.float32 and _usable(t) for t in norms):
+            hidden = spec.w2.shape[1]
+            shapes_ok = (
+                all(x.shape[1] == dim for x in [*spec.qkv, *spec.gate_up])
+                and sum(x.shape[0] for x in spec.qkv) == q_size + 2 * kv * head_dim
+                and sum(x.shape[0] for x in spec.gate_up) == 2 * hidden
+                and spec.wo.shape == (dim, q_size)
+                and spec.w2.shape[0] == dim
+                and all(t.numel() == dim for t in (spec.attention_norm, spec.ffn_norm))
+            )
+            norms_ok = all(
+                t.dtype == torch.float32 and _usable(t)
+                for t in (spec.attention_norm, spec.ffn_norm)
+            )
+            linears = [*spec.qkv, spec.wo, *spec.gate_up, spec.w2]
+            if not (shapes_ok and norms_ok and all(_linear_ok(x) for x in linears)):
                 return False
-            for x in linears:
-                kind = x.kind
-                if kind is None or not available(kind) or not _usable(x.weight):
-                    return False
-                if x.scale is not None and not _usable(x.scale):
-                    return False
-                if x.weight.dtype in _SCALED and x.scale is None:
-                    return False
         return True
 
     def _pointer(self, t: torch.Tensor) -> int:
