@@ -23,6 +23,33 @@ def test_gemv_matches_torch(dtype, rows, cols):
     assert (got.double() - expected).abs().max() <= 1e-5 * scale
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("batch", [2, 5, 8])
+def test_gemv_of_a_few_vectors(dtype, batch):
+    if not kernels.available(dtype):
+        pytest.skip("no vectorized kernel on this machine")
+    g = torch.Generator().manual_seed(batch)
+    w = torch.randn(300, 700, generator=g).to(dtype)
+    x = torch.randn(batch, 700, generator=g).to(dtype)
+    expected = F.linear(x.double(), w.double())
+    got = kernels.gemv(w, x)
+    assert got.shape == (batch, 300)
+    assert (got.double() - expected).abs().max() <= 1e-5 * (
+        x.double().abs() @ w.double().abs().t()
+    ).max()
+
+
+def test_fp32_linear_of_a_few_rows_takes_the_kernel(monkeypatch):
+    w, x = torch.randn(1024, 640), torch.randn(2, 3, 640)
+    calls, real = [], kernels.gemv
+    monkeypatch.setattr(kernels, "gemv", lambda *a: calls.append(1) or real(*a))
+    with torch.inference_mode():
+        out = kernels.linear(x, w)  # 6 rows
+        kernels.linear(torch.randn(9, 640), w)  # past MAX_BATCH: torch
+    assert len(calls) == 1 and out.shape == (2, 3, 1024)
+    assert torch.allclose(out, F.linear(x, w), atol=1e-4)
+
+
 def test_linear_dispatch_keeps_shape_dtype_and_values():
     w = torch.randn(2048, 1024).bfloat16()
     x = torch.randn(1, 1, 1024).bfloat16()

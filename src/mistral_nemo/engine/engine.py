@@ -160,10 +160,12 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one forward pass for the scheduled tokens; outputs of requests that advanced."""
         decode, chunks = self._schedule()
-        # A lone sequence's decode step, with no prefill alongside, runs on one torch thread,
-        # sampling included, and leaves the cores to the kernels (see one_token_steps).
-        lone = len(decode) == 1 and not chunks and self.model.config.dim >= kernels.MIN_COLUMNS
-        with kernels.one_token_steps(lone):
+        # A decode step of a few sequences, with no prefill alongside, goes through the CPU
+        # kernels: it runs on one torch thread, sampling included, and leaves the cores to
+        # them (see one_token_steps; two pools of spinning threads on the same cores made
+        # a step of two SmolLM2 sequences 10x slower).
+        few = 0 < len(decode) <= kernels.MAX_BATCH and not chunks
+        with kernels.one_token_steps(few and self.model.config.dim >= kernels.MIN_COLUMNS):
             return self._step(decode, chunks)
 
     def _step(

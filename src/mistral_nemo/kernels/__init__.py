@@ -35,6 +35,10 @@ INT8 = 4
 # a 192x576 product already gains.
 MIN_ELEMENTS = 1 << 16
 MIN_COLUMNS = 512
+# Rows of activations up to which the kernels, reading the weights once for all of them (fp32)
+# or once per row (quantized), beat torch's fp32 product (measured 1.1-6x for 2-8 rows of
+# SmolLM2 and NeMo shapes) and the quantized layers' dequantizing it.
+MAX_BATCH = 8
 
 
 _kernel_threads: int | None = None  # set while torch is kept to one thread (see below)
@@ -107,15 +111,7 @@ def _library() -> ctypes.CDLL | None:
                 return None
             os.replace(built, target)  # atomic: concurrent first uses do not collide
     lib = ctypes.CDLL(str(target))
-    lib.gemv.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_long,
-        ctypes.c_long,
-        ctypes.c_int,
-        ctypes.c_int,
-    ]
+    lib.gemv.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int] * 2
     lib.gemv.restype = None
     lib.gemv_vectorized.argtypes = [ctypes.c_int]
     lib.gemv_int4.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
@@ -139,22 +135,26 @@ def available(dtype: torch.dtype | int) -> bool:
     return lib is not None and kind is not None and bool(lib.gemv_vectorized(kind))
 
 
-def _run(entry: str, rows: int, inputs: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:
-    """Call C function `entry`(inputs..., out, sizes..., threads) for an fp32 out [rows]."""
+def _run(
+    entry: str, rows: int, inputs: list[torch.Tensor], sizes: list[int], batch: int = 1
+) -> torch.Tensor:
+    """Call C function `entry`(inputs..., out, sizes..., threads) for an fp32 out [rows], or
+    [batch, rows]."""
     lib = _library()
     assert lib is not None
-    out = torch.empty(rows, dtype=torch.float32)
+    out = torch.empty(rows if batch == 1 else (batch, rows), dtype=torch.float32)
     getattr(lib, entry)(*(t.data_ptr() for t in inputs), out.data_ptr(), *sizes, _threads())
     return out
 
 
 def gemv(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """weight [rows, cols] @ x [cols] in fp32, both contiguous CPU tensors: of one dtype, or
-    float8_e4m3fn weights (unscaled) with x in bf16."""
+    """weight [rows, cols] @ x [cols] (or x [batch, cols] @ weight.T) in fp32, both contiguous
+    CPU tensors: of one dtype, or float8_e4m3fn weights (unscaled) with x in bf16."""
     if weight.dtype == torch.float8_e4m3fn:
         x = x.to(torch.bfloat16).contiguous()
     rows, cols = weight.shape
-    return _run("gemv", rows, [weight, x], [rows, cols, _KINDS[weight.dtype]])
+    batch = x.numel() // cols
+    return _run("gemv", rows, [weight, x], [rows, cols, batch, _KINDS[weight.dtype]], batch)
 
 
 def gemv_int4(
@@ -196,17 +196,19 @@ def gemv_int8(weight: torch.Tensor, row_scale: torch.Tensor, x: torch.Tensor) ->
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, weight) without bias, through the GEMV kernel where it pays."""
+    """F.linear(x, weight) without bias, through the GEMV kernel where it pays: one row of x,
+    or up to MAX_BATCH of them with fp32 weights."""
+    rows = x.numel() // weight.shape[-1]
     if (
         x.device.type == "cpu"
         and x.dtype == weight.dtype
-        and x.numel() == weight.shape[-1]
+        and (rows == 1 or (1 < rows <= MAX_BATCH and weight.dtype == torch.float32))
         and weight.numel() >= MIN_ELEMENTS
         and weight.shape[-1] >= MIN_COLUMNS
         and weight.is_contiguous()
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and available(weight.dtype)
     ):
-        out = gemv(weight, x.contiguous().view(-1))
+        out = gemv(weight, x.contiguous().view(rows, -1).squeeze(0))
         return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight)

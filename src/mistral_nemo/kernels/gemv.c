@@ -31,6 +31,7 @@ typedef struct {
     const float *xs;    /* its scale per group */
     const float *row_scale; /* int8: per output row */
     float shift;        /* int8: 128 * sum over groups of xs * sum(xq) */
+    long batch;         /* kinds 0-2: x holds `batch` vectors, out [batch, rows] */
     void (*each)(const void *ctx, long row); /* any other job: called for each row */
     const void *ctx;
     long chunk;         /* rows per claim (0: CHUNK) */
@@ -293,6 +294,13 @@ static void dequantize_int4_row(const uint8_t *w, const uint16_t *sz, float *out
     }
 }
 
+/* Row r of a bf16, fp32 or fp8 matrix times vector b of x (bf16 for bf16 and fp8 rows). */
+static inline float dot_float(int kind, const void *w, const void *x, long r, long b, long n) {
+    if (kind == 0) return dot_bf16((const uint16_t *)w + r * n, (const uint16_t *)x + b * n, n);
+    if (kind == 1) return dot_f32((const float *)w + r * n, (const float *)x + b * n, n);
+    return dot_fp8((const uint8_t *)w + r * n, (const uint16_t *)x + b * n, n);
+}
+
 static void *run(void *arg) {
     job_t *j = arg;
     for (;;) {
@@ -303,12 +311,9 @@ static void *run(void *arg) {
         for (long r = r0; r < r1; r++) {
             if (j->each)
                 j->each(j->ctx, r);
-            else if (j->kind == 0)
-                j->out[r] = dot_bf16((const uint16_t *)j->w + r * j->cols, j->x, j->cols);
-            else if (j->kind == 1)
-                j->out[r] = dot_f32((const float *)j->w + r * j->cols, j->x, j->cols);
-            else if (j->kind == 2)
-                j->out[r] = dot_fp8((const uint8_t *)j->w + r * j->cols, j->x, j->cols);
+            else if (j->kind <= 2) /* the row stays in L1 for the batch's other vectors */
+                for (long b = 0; b < j->batch; b++)
+                    j->out[b * j->rows + r] = dot_float(j->kind, j->w, j->x, r, b, j->cols);
 #if defined(__AVX512VNNI__)
             else if (j->kind == 4)
                 j->out[r] = j->row_scale[r] *
@@ -437,8 +442,12 @@ static void run_threads(job_t *job, int threads) {
     pthread_mutex_unlock(&call_lock);
 }
 
-void gemv(const void *w, const void *x, float *out, long rows, long cols, int kind, int threads) {
-    job_t job = {w, x, out, rows, cols, kind, 0, NULL, NULL, 1, NULL, NULL, NULL, 0.f};
+/* out [batch, rows] = x [batch, cols] @ w^T for bf16, fp32 or fp8 w (x bf16 for bf16 and
+ * fp8). A few vectors at a time still read the weights once: torch's fp32 product of a few
+ * rows by a wide matrix is up to 6x slower than that. */
+void gemv(const void *w, const void *x, float *out, long rows, long cols, long batch, int kind,
+          int threads) {
+    job_t job = {w, x, out, rows, cols, kind, 0, NULL, NULL, 1, NULL, NULL, NULL, 0.f, batch};
     run_threads(&job, threads);
 }
 
@@ -700,11 +709,11 @@ static void linear(const linear_t *l, const float *x, float *out, uint16_t *xb, 
     }
 #endif
     if (l->kind == KIND_FP32) {
-        gemv(l->w, x, out, l->rows, l->cols, KIND_FP32, threads);
+        gemv(l->w, x, out, l->rows, l->cols, 1, KIND_FP32, threads);
         return;
     }
     for (long c = 0; c < l->cols; c++) xb[c] = f32_to_bf16(x[c]);
-    gemv(l->w, xb, out, l->rows, l->cols, l->kind, threads);
+    gemv(l->w, xb, out, l->rows, l->cols, 1, l->kind, threads);
     if (l->kind == KIND_FP8) {
         const float *s = l->scale;
         for (long r = 0; r < l->rows; r++) out[r] *= s[l->scales > 1 ? r : 0];

@@ -77,6 +77,14 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     return q, torch.cat(parts).transpose(0, 1).contiguous()
 
 
+def _few_rows(x: torch.Tensor, in_features: int) -> torch.Tensor | None:
+    """x as [rows, in_features] where the CPU kernels take it (up to kernels.MAX_BATCH rows:
+    beyond, dequantizing the weights for torch's matmul is cheaper); otherwise None."""
+    if x.device.type != "cpu" or not 0 < x.numel() <= kernels.MAX_BATCH * in_features:
+        return None
+    return x.reshape(-1, in_features)
+
+
 def tiled_linear(
     x: torch.Tensor, out_features: int, tile: Callable[[int, int], torch.Tensor]
 ) -> torch.Tensor:
@@ -107,8 +115,8 @@ class Fp8Linear(nn.Module):
         w, scale = self.weight, self.weight_scale
         if x.device.type == "cuda" and _scaled_mm_works(x.device):
             return self._scaled_mm(x)
-        if x.numel() == self.in_features and x.device.type == "cpu" and kernels.available(FP8):
-            out = kernels.gemv(w, x.reshape(-1)) * scale
+        if (rows := _few_rows(x, self.in_features)) is not None and kernels.available(FP8):
+            out = kernels.gemv(w, rows.squeeze(0)) * scale
             return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return tiled_linear(x, self.out_features, self._dequantize)
 
@@ -160,12 +168,8 @@ class Int8Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            x.numel() == self.in_features
-            and x.device.type == "cpu"
-            and kernels.available(kernels.INT8)
-        ):
-            out = kernels.gemv_int8(self.weight, self.weight_scale, x.reshape(-1))
+        if (rows := _few_rows(x, self.in_features)) is not None and kernels.available(kernels.INT8):
+            out = torch.stack([kernels.gemv_int8(self.weight, self.weight_scale, r) for r in rows])
             return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
         x2 = x.reshape(-1, self.in_features)
         if x.device.type == "cpu" and x.dtype == torch.bfloat16:
@@ -203,12 +207,9 @@ class Int4Linear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            x.numel() == self.in_features
-            and x.device.type == "cpu"
-            and kernels.available(kernels.INT4)
-        ):
-            out = kernels.gemv_int4(self.weight, self.scales_zeros, self.group_size, x.reshape(-1))
+        if (rows := _few_rows(x, self.in_features)) is not None and kernels.available(kernels.INT4):
+            w, sz, group = self.weight, self.scales_zeros, self.group_size
+            out = torch.stack([kernels.gemv_int4(w, sz, group, r) for r in rows])
             return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return tiled_linear(x, self.out_features, self._dequantize)
 
