@@ -102,7 +102,7 @@ def test_decode_step_matches_the_modules(checkpoint, scheme, cache):
     ):
         pytest.skip("no kernel for this scheme here")
     model = load(checkpoint, scheme)
-    assert model.one_token_decoder() is not None
+    assert model.kernel_decoder() is not None
     fast = decode_logits(model, cache, through_c=True)
     slow = decode_logits(model, cache, through_c=False)
     # fp32 agrees to rounding. The quantized kernels round activations to int8 (bf16 for
@@ -122,6 +122,39 @@ def test_long_context_attention_on_all_threads(checkpoint, cache):
     assert (fast - slow).abs().max() < 1e-5 * slow.abs().max()
 
 
+@pytest.mark.parametrize("scheme", ["fp32", "int4", "fp8"])
+def test_a_batch_of_sequences_decodes_as_each_alone(checkpoint, scheme):
+    """Three sequences of different lengths (one long enough for threaded attention) in one
+    paged pool, decoded together in one C call per step."""
+    model = load(checkpoint, scheme)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (5, 17, 400)]
+    cache = PagedKVCache(CONFIG, 160, 4, 1024, torch.float32, torch.device("cpu"))
+    order = torch.randperm(160, generator=g).tolist()
+    tables = [order[0:20], order[20:40], order[40:150]]
+
+    def run(through_c: bool) -> torch.Tensor:
+        tokens = []
+        with torch.inference_mode():
+            for prompt, table in zip(prompts, tables):
+                step = cache.step([table], [0], len(prompt))
+                logits = model(torch.tensor([prompt]), cache=step, last_only=True)
+                tokens.append(int(logits[0, -1].argmax()))
+        out = []
+        for i in range(STEPS):
+            step = cache.step(tables, [len(p) + i for p in prompts], 1)
+            assert len(step.decode_layouts(0)) == 3 and model.kernel_decoder() is not None
+            with torch.inference_mode() if through_c else torch.enable_grad():
+                logits = model(torch.tensor(tokens)[:, None], cache=step).detach()[:, -1]
+            tokens = logits.argmax(-1).tolist()
+            out.append(logits)
+        return torch.stack(out)
+
+    fast, slow = run(through_c=True), run(through_c=False)
+    tolerance = 1e-5 if scheme == "fp32" else 1e-2
+    assert (fast - slow).abs().max() < tolerance * slow.abs().max()
+
+
 def test_fp32_decode_matches_a_full_forward(checkpoint):
     model = load(checkpoint, "fp32")
     fed: list[int] = []
@@ -136,11 +169,11 @@ def test_separate_projections_after_fused_ones(checkpoint):
     model = load(checkpoint, "int8")
     assert model.layers[0].attention.wqkv is not None
     fused = decode_logits(model, Contiguous, through_c=True)
-    first = model.one_token_decoder()
+    first = model.kernel_decoder()
     for block in model.layers:
         block.attention.wqkv = None
         block.feed_forward.w13 = None
-    assert model.one_token_decoder() is not first
+    assert model.kernel_decoder() is not first
     separate = decode_logits(model, Contiguous, through_c=True)
     assert (fused - separate).abs().max() < 1e-4 * fused.abs().max()
 
@@ -148,11 +181,11 @@ def test_separate_projections_after_fused_ones(checkpoint):
 def test_replaced_weights_and_unknown_layers_are_seen(checkpoint):
     model = load(checkpoint, "fp32")
     before = decode_logits(model, Contiguous, through_c=True)
-    first = model.one_token_decoder()
-    assert first is model.one_token_decoder()  # cached while nothing changed
+    first = model.kernel_decoder()
+    assert first is model.kernel_decoder()  # cached while nothing changed
     wo = model.layers[1].attention.wo
     wo.weight = torch.nn.Parameter(wo.weight.detach() * 2)
-    assert model.one_token_decoder() is not first
+    assert model.kernel_decoder() is not first
     doubled = decode_logits(model, Contiguous, through_c=True)
     assert not torch.allclose(doubled, before)
     assert torch.allclose(doubled, decode_logits(model, Contiguous, through_c=False), atol=1e-4)
@@ -167,7 +200,7 @@ def test_replaced_weights_and_unknown_layers_are_seen(checkpoint):
 
     wo_layer = model.layers[1].attention.wo
     model.layers[1].attention.wo = Scaled(wo_layer)
-    assert model.one_token_decoder() is None
+    assert model.kernel_decoder() is None
     assert torch.allclose(
         decode_logits(model, Contiguous, through_c=True),
         decode_logits(model, Contiguous, through_c=False),
@@ -177,9 +210,9 @@ def test_replaced_weights_and_unknown_layers_are_seen(checkpoint):
 
 def test_bf16_models_and_copies(checkpoint):
     model = load(checkpoint, "fp32")
-    model.one_token_decoder()
+    model.kernel_decoder()
     clone = copy.deepcopy(model)
-    assert clone._built.pins is None and clone.one_token_decoder() is not None
+    assert clone._built.pins is None and clone.kernel_decoder() is not None
     assert pickle.loads(pickle.dumps(model))._built.pins is None
     model.to(torch.bfloat16)
-    assert model.one_token_decoder() is None  # bf16 activations: the torch path
+    assert model.kernel_decoder() is None  # bf16 activations: the torch path

@@ -53,12 +53,15 @@ class KVCache:
         self.v[layer, :, :, start:end] = v
         return causal_attention(q, self.k[layer, :, :, :end], self.v[layer, :, :, :end], start)
 
-    def one_token_layout(self, start: int) -> KVLayout | None:
+    def decode_layouts(self, start: int) -> list[KVLayout] | None:
         b, kv, max_len, hd = self.k.shape[1:]
         usable = self.k.dtype == torch.float32 and self.k.device.type == "cpu"
-        if b != 1 or not 0 <= start < max_len or not usable:
+        if b > kernels.MAX_BATCH or not 0 <= start < max_len or not usable:
             return None  # (the C step writes at `start` unchecked)
-        return KVLayout(self.k, self.v, hd, max_len * hd, self.freqs, start)
+        return [
+            KVLayout(self.k[:, i], self.v[:, i], hd, max_len * hd, self.freqs, start)
+            for i in range(b)
+        ]
 
 
 class AttentionCache(Protocol):
@@ -76,9 +79,10 @@ class AttentionCache(Protocol):
         """Store k and v, then attend from q to everything the sequence has so far."""
         ...
 
-    def one_token_layout(self, start: int) -> KVLayout | None:
-        """Optionally, for a decode step of one sequence, where its keys and values are, for
-        the C decode step (`kernels.decoder`); None to take the torch path."""
+    def decode_layouts(self, start: int) -> list[KVLayout] | None:
+        """Optionally, for a decode step (one new token per sequence), where each sequence's
+        keys and values are, for the C decode step (`kernels.decoder`); None to take the
+        torch path."""
         ...
 
 
@@ -338,11 +342,11 @@ class Transformer(nn.Module):
         `last_only` computes the LM head for the final position alone (prefill).
         """
         x = self.tok_embeddings(tokens)
-        if tokens.shape == (1, 1) and cache is not None and not torch.is_grad_enabled():
-            layout = cache.one_token_layout(start)
-            decoder = self.one_token_decoder() if layout is not None else None
-            if decoder is not None and layout is not None:
-                return self.output(decoder(x, layout).view(1, 1, -1).type_as(x))
+        if tokens.shape[1] == 1 and cache is not None and not torch.is_grad_enabled():
+            layouts = cache.decode_layouts(start)
+            decoder = self.kernel_decoder() if layouts else None
+            if decoder is not None and layouts:
+                return self.output(decoder(x, layouts).view(len(layouts), 1, -1).type_as(x))
         if cache is not None:
             freqs = cache.rope(start, tokens.shape[1])
         else:
@@ -353,9 +357,9 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         return self.output(self.norm(x))
 
-    def one_token_decoder(self) -> Decoder | None:
-        """All layers of a decode step of one sequence as one C call (`kernels.decoder`),
-        built on first use and again when a layer or weight has been replaced; None where
+    def kernel_decoder(self) -> Decoder | None:
+        """All layers of a decode step (a new token of each of up to kernels.MAX_BATCH
+        sequences) as one C call (`kernels.decoder`), built on first use and again when a layer or weight has been replaced; None where
         the kernels do not cover this model (not fp32, a layer type they do not know)."""
         built = self._built
         if not built.valid():

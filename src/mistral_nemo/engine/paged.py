@@ -16,6 +16,7 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
+from mistral_nemo import kernels
 from mistral_nemo.config import ModelConfig
 from mistral_nemo.kernels.decoder import KVLayout
 from mistral_nemo.model import decode_attention, rope_frequencies
@@ -111,19 +112,22 @@ class PagedStep:
     def rope(self, start: int, length: int) -> torch.Tensor:
         return self.cache.freqs[self._batch[0]]
 
-    def one_token_layout(self, start: int) -> KVLayout | None:
-        """A lone sequence's decode step reads its blocks in place (fp32 caches)."""
+    def decode_layouts(self, start: int) -> list[KVLayout] | None:
+        """A decode step of up to kernels.MAX_BATCH sequences reads their blocks in place
+        (fp32 caches)."""
         c = self.cache
-        if len(self.tables) != 1 or self.length != 1:
+        if self.length != 1 or len(self.tables) > kernels.MAX_BATCH:
             return None
         if c.kv_dtype != torch.float32 or c.k.device.type != "cpu":
             return None
-        pos, bs = self.starts[0], c.block_size
-        if len(self.tables[0]) <= pos // bs:
-            return None  # (the C step writes at `pos` unchecked)
-        blocks = torch.tensor(self.tables[0][: pos // bs + 1])
-        kv, hd = c.k.shape[2:]
-        return KVLayout(c.k, c.v, kv * hd, hd, c.freqs, pos, blocks, bs)
+        bs, (kv, hd) = c.block_size, c.k.shape[2:]
+        layouts = []
+        for table, pos in zip(self.tables, self.starts, strict=True):
+            if len(table) <= pos // bs:
+                return None  # (the C step writes at `pos` unchecked)
+            blocks = torch.tensor(table[: pos // bs + 1])
+            layouts.append(KVLayout(c.k, c.v, kv * hd, hd, c.freqs, pos, blocks, bs))
+        return layouts
 
     def attend(
         self, layer: int, start: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor

@@ -122,7 +122,8 @@ def _library() -> ctypes.CDLL | None:
     lib.dequantize_int4.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int]
     lib.dequantize_int4.restype = None
     pointer = ctypes.c_void_p
-    lib.decode_step.argtypes = [pointer, pointer, ctypes.c_long, pointer, pointer, ctypes.c_int]
+    lib.decode_step.argtypes = [pointer, ctypes.c_long, pointer, pointer, pointer, pointer]
+    lib.decode_step.argtypes += [ctypes.c_int]
     lib.decode_step.restype = None
     return lib
 

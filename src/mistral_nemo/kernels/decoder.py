@@ -1,6 +1,7 @@
-"""A decode step of one sequence through every layer in one C call (`decode_step` in gemv.c).
+"""A decode step of a few sequences through every layer in one C call (`decode_step` in
+gemv.c).
 
-The model describes its layers once (`LayerSpec`, `LinearSpec`), the cache says where this
+The model describes its layers once (`LayerSpec`, `LinearSpec`), the cache says where each
 sequence's keys and values are (`KVLayout`), and `Decoder` runs the step in fp32: RMSNorms,
 products, RoPE, cache writes, attention, SiLU and residuals. A token of SmolLM2-135M took
 ~40 small torch ops per layer besides its products; they cost as much as the products.
@@ -134,7 +135,7 @@ def _linear_ok(x: LinearSpec) -> bool:
 
 
 class Decoder:
-    """Every layer of one token of one sequence, and the final norm, in one C call, for
+    """Every layer of one new token of each sequence, and the final norm, in one C call, for
     layers that `supports` accepts. Holds the tensors it was built from (their storage stays
     alive however the model changes; whether it is still the model's is the model's
     business)."""
@@ -207,21 +208,32 @@ class Decoder:
         scales = 0 if spec.scale is None else spec.scale.numel()
         return _Linear(spec.kind, rows, cols, spec.group, self._pointer(spec.weight), scale, scales)
 
-    def __call__(self, x: torch.Tensor, cache: KVLayout) -> torch.Tensor:
-        """x: the token's embedding (dim values); returns the final norm's output [dim] in
-        fp32 and stores the token's keys and values at `cache.pos`."""
+    def __call__(self, x: torch.Tensor, caches: Sequence[KVLayout]) -> torch.Tensor:
+        """x: the new token's embedding of each sequence ([batch, 1, dim] or [batch, dim]);
+        returns the final norm's output [batch, dim] in fp32 and stores each sequence's keys
+        and values at its `pos`."""
         lib = _library()
         assert lib is not None
-        out = x.reshape(self.dim).to(torch.float32, copy=True)
-        k, v = cache.k, cache.v
-        blocks = 0 if cache.blocks is None else cache.blocks.data_ptr()
-        layout = _KVLayout(
-            k.data_ptr(), v.data_ptr(), k.stride(0), cache.slot_stride, cache.head_stride,
-            blocks, cache.block_size,
-        )  # fmt: skip
-        rotation = torch.view_as_real(cache.freqs[cache.pos])
+        batch = len(caches)
+        out = x.reshape(batch, self.dim).to(torch.float32, copy=True)
+        layouts = (_KVLayout * batch)(
+            *(
+                _KVLayout(
+                    c.k.data_ptr(),
+                    c.v.data_ptr(),
+                    c.k.stride(0),
+                    c.slot_stride,
+                    c.head_stride,
+                    0 if c.blocks is None else c.blocks.data_ptr(),
+                    c.block_size,
+                )  # fmt: skip
+                for c in caches
+            )
+        )
+        positions = (ctypes.c_long * batch)(*(c.pos for c in caches))
+        rotations = torch.stack([torch.view_as_real(c.freqs[c.pos]) for c in caches])
         lib.decode_step(
-            ctypes.byref(self._decoder), ctypes.byref(layout), cache.pos,
-            rotation.data_ptr(), out.data_ptr(), _threads(),
+            ctypes.byref(self._decoder), batch, layouts, positions, rotations.data_ptr(),
+            out.data_ptr(), _threads(),
         )  # fmt: skip
         return out

@@ -695,29 +695,51 @@ typedef struct {
     long scales;            /* fp8: how many scales (1 or rows) */
 } linear_t;
 
-/* out = W x for x in fp32, as the layer's own Python forward computes it; `xb` has room
- * for `cols` bf16 values (bf16 and fp8 weights take x in bf16). */
-static void linear(const linear_t *l, const float *x, float *out, uint16_t *xb, int threads) {
-    if (l->kind == KIND_INT4) {
-        gemv_int4(l->w, x, l->scale, out, l->rows, l->cols, l->group, threads);
-        return;
-    }
+/* out [batch, rows] = x [batch, cols] @ W^T for x in fp32, as the layer's own Python
+ * forward computes it; `xb` has room for batch * cols bf16 values (bf16 and fp8 weights take
+ * x in bf16). The int kernels quantize each row of x on its own, so they go row by row. */
+static void linear(const linear_t *l, const float *x, float *out, long batch, uint16_t *xb,
+                   int threads) {
+    const long rows = l->rows, cols = l->cols;
+    if (l->kind == KIND_INT4 || l->kind == KIND_INT8) {
+        for (long b = 0; b < batch; b++) {
+            if (l->kind == KIND_INT4)
+                gemv_int4(l->w, x + b * cols, l->scale, out + b * rows, rows, cols, l->group,
+                          threads);
 #if defined(__AVX512VNNI__)
-    if (l->kind == KIND_INT8) {
-        gemv_int8(l->w, x, l->scale, out, l->rows, l->cols, threads);
-        return;
-    }
+            else
+                gemv_int8(l->w, x + b * cols, l->scale, out + b * rows, rows, cols, threads);
 #endif
-    if (l->kind == KIND_FP32) {
-        gemv(l->w, x, out, l->rows, l->cols, 1, KIND_FP32, threads);
+        }
         return;
     }
-    for (long c = 0; c < l->cols; c++) xb[c] = f32_to_bf16(x[c]);
-    gemv(l->w, xb, out, l->rows, l->cols, 1, l->kind, threads);
+    if (l->kind == KIND_FP32) {
+        gemv(l->w, x, out, rows, cols, batch, KIND_FP32, threads);
+        return;
+    }
+    for (long c = 0; c < batch * cols; c++) xb[c] = f32_to_bf16(x[c]);
+    gemv(l->w, xb, out, rows, cols, batch, l->kind, threads);
     if (l->kind == KIND_FP8) {
         const float *s = l->scale;
-        for (long r = 0; r < l->rows; r++) out[r] *= s[l->scales > 1 ? r : 0];
+        for (long r = 0; r < batch * rows; r++) out[r] *= s[l->scales > 1 ? r % rows : 0];
     }
+}
+
+/* Layers ls[0..n) applied to the same x, their outputs one after another, each [batch,
+ * rows]; `stacked` finds element e of sequence b's concatenated output there. */
+static void linears(const linear_t *ls, int n, const float *x, float *out, long batch,
+                    uint16_t *xb, int threads) {
+    for (int j = 0; j < n; out += batch * ls[j].rows, j++)
+        linear(&ls[j], x, out, batch, xb, threads);
+}
+
+static float *stacked(float *out, const linear_t *ls, int n, long batch, long b, long e) {
+    int j = 0;
+    for (; j < n - 1 && e >= ls[j].rows; j++) {
+        out += batch * ls[j].rows;
+        e -= ls[j].rows;
+    }
+    return out + b * ls[j].rows + e;
 }
 
 typedef struct {
@@ -761,44 +783,66 @@ static void rms_norm(const float *x, const float *weight, float *out, long n, fl
     for (long i = 0; i < n; i++) out[i] = x[i] * inv * weight[i];
 }
 
-/* x [dim]: the token's embedding in, the final norm's output out (the LM head is left to
- * the caller). Keys and values of position `pos` are stored; `rot` is RoPE at `pos`. */
-void decode_step(const decoder_t *m, const kv_layout_t *c, long pos, const float *rot,
-                 float *x, int threads) {
-    const long dim = m->dim, hidden = m->hidden, q_size = (long)m->heads * m->hd;
-    const long kv_size = (long)m->kv * m->hd;
+/* x [batch, dim]: each sequence's new token's embedding in, the final norm's output out
+ * (the LM head is left to the caller). Sequence b's keys and values of position pos[b] are
+ * stored where c[b] says; rot[b] (hd floats) is RoPE at pos[b]. */
+void decode_step(const decoder_t *m, long batch, const kv_layout_t *c, const long *pos,
+                 const float *rot, float *x, int threads) {
+    const long dim = m->dim, hidden = m->hidden, hd = m->hd, q_size = (long)m->heads * hd;
+    const long kv_size = (long)m->kv * hd;
     const long widest = hidden > q_size ? (hidden > dim ? hidden : dim) : (q_size > dim ? q_size : dim);
-    const long n = pos + 1;
-    const long attention_scratch = (n + 4L * threads + (m->hd + 2L) * 4 * threads) * m->heads;
-    float *h = malloc(sizeof(float) * (dim + q_size + 2 * kv_size + q_size + dim + 2 * hidden +
-                                       attention_scratch));
-    float *qkv = h + dim, *att = qkv + q_size + 2 * kv_size, *o = att + q_size;
-    float *gate = o + dim, *scratch = gate + 2 * hidden;
-    uint16_t *xb = malloc(sizeof(uint16_t) * widest);
-    long *offs = malloc(sizeof(long) * n); /* of each position's slot, the same in all layers */
-    for (long p = 0; p < n; p++) {
-        long bs = c->block_size;
-        offs[p] = (c->blocks ? c->blocks[p / bs] * bs + p % bs : p) * c->slot_stride;
+    long longest = 0, offs_total = 0;
+    for (long b = 0; b < batch; b++) {
+        longest = pos[b] + 1 > longest ? pos[b] + 1 : longest;
+        offs_total += pos[b] + 1;
+    }
+    const long attention_scratch = (longest + 4L * threads + (hd + 2L) * 4 * threads) * m->heads;
+    float *h = malloc(sizeof(float) * (batch * (dim + q_size + 2 * kv_size + q_size + dim +
+                                                3 * hidden) + attention_scratch));
+    float *qkv = h + batch * dim, *att = qkv + batch * (q_size + 2 * kv_size);
+    float *o = att + batch * q_size, *gate_up = o + batch * dim;
+    float *gate = gate_up + batch * 2 * hidden; /* [batch, hidden]: SiLU(gate) * up */
+    float *scratch = gate + batch * hidden;
+    uint16_t *xb = malloc(sizeof(uint16_t) * batch * widest);
+    /* each sequence's slot offsets of its positions, the same in all layers */
+    long *offs = malloc(sizeof(long) * offs_total), **seq_offs = malloc(sizeof(long *) * batch);
+    for (long b = 0, at = 0; b < batch; at += pos[b] + 1, b++) {
+        const long bs = c[b].block_size;
+        seq_offs[b] = offs + at;
+        for (long p = 0; p <= pos[b]; p++)
+            seq_offs[b][p] =
+                (c[b].blocks ? c[b].blocks[p / bs] * bs + p % bs : p) * c[b].slot_stride;
     }
     for (int i = 0; i < m->n_layers; i++) {
         const layer_t *l = &m->layers[i];
-        rms_norm(x, l->attention_norm, h, dim, m->eps);
-        for (long j = 0, off = 0; j < l->n_qkv; off += l->qkv[j].rows, j++)
-            linear(&l->qkv[j], h, qkv + off, xb, threads);
-        attend_one(qkv, qkv + q_size, qkv + q_size + kv_size, c->k + i * c->layer_stride,
-                   c->v + i * c->layer_stride, offs, c->head_stride, pos, m->heads, m->kv,
-                   m->hd, rot, scratch, att, threads);
-        linear(&l->wo, att, o, xb, threads);
-        for (long d = 0; d < dim; d++) x[d] += o[d];
-        rms_norm(x, l->ffn_norm, h, dim, m->eps);
-        for (long j = 0, off = 0; j < l->n_gate_up; off += l->gate_up[j].rows, j++)
-            linear(&l->gate_up[j], h, gate + off, xb, threads);
-        silu_times(gate, gate + hidden, hidden);
-        linear(&l->w2, gate, o, xb, threads);
-        for (long d = 0; d < dim; d++) x[d] += o[d];
+        for (long b = 0; b < batch; b++)
+            rms_norm(x + b * dim, l->attention_norm, h + b * dim, dim, m->eps);
+        linears(l->qkv, l->n_qkv, h, qkv, batch, xb, threads);
+        for (long b = 0; b < batch; b++) {
+            const long layer = i * c[b].layer_stride;
+            attend_one(stacked(qkv, l->qkv, l->n_qkv, batch, b, 0),
+                       stacked(qkv, l->qkv, l->n_qkv, batch, b, q_size),
+                       stacked(qkv, l->qkv, l->n_qkv, batch, b, q_size + kv_size),
+                       c[b].k + layer, c[b].v + layer, seq_offs[b], c[b].head_stride, pos[b],
+                       m->heads, m->kv, m->hd, rot + b * hd, scratch, att + b * q_size, threads);
+        }
+        linear(&l->wo, att, o, batch, xb, threads);
+        for (long d = 0; d < batch * dim; d++) x[d] += o[d];
+        for (long b = 0; b < batch; b++)
+            rms_norm(x + b * dim, l->ffn_norm, h + b * dim, dim, m->eps);
+        linears(l->gate_up, l->n_gate_up, h, gate_up, batch, xb, threads);
+        for (long b = 0; b < batch; b++) {
+            memcpy(gate + b * hidden, stacked(gate_up, l->gate_up, l->n_gate_up, batch, b, 0),
+                   sizeof(float) * hidden);
+            silu_times(gate + b * hidden,
+                       stacked(gate_up, l->gate_up, l->n_gate_up, batch, b, hidden), hidden);
+        }
+        linear(&l->w2, gate, o, batch, xb, threads);
+        for (long d = 0; d < batch * dim; d++) x[d] += o[d];
     }
-    rms_norm(x, m->norm, h, dim, m->eps);
-    memcpy(x, h, sizeof(float) * dim);
+    for (long b = 0; b < batch; b++) rms_norm(x + b * dim, m->norm, h + b * dim, dim, m->eps);
+    memcpy(x, h, sizeof(float) * batch * dim);
+    free(seq_offs);
     free(offs);
     free(xb);
     free(h);
