@@ -136,7 +136,7 @@ def test_a_batch_of_sequences_decodes_as_each_alone(checkpoint, scheme):
     def run(through_c: bool) -> torch.Tensor:
         tokens = []
         with torch.inference_mode():
-            for prompt, table in zip(prompts, tables):
+            for prompt, table in zip(prompts, tables, strict=True):
                 step = cache.step([table], [0], len(prompt))
                 logits = model(torch.tensor([prompt]), cache=step, last_only=True)
                 tokens.append(int(logits[0, -1].argmax()))

@@ -359,8 +359,9 @@ class Transformer(nn.Module):
 
     def kernel_decoder(self) -> Decoder | None:
         """All layers of a decode step (a new token of each of up to kernels.MAX_BATCH
-        sequences) as one C call (`kernels.decoder`), built on first use and again when a layer or weight has been replaced; None where
-        the kernels do not cover this model (not fp32, a layer type they do not know)."""
+        sequences) as one C call (`kernels.decoder`), built on first use and again when a
+        layer or weight has been replaced; None where the kernels do not cover this model
+        (not fp32, a layer type they do not know)."""
         built = self._built
         if not built.valid():
             built.pins = []
