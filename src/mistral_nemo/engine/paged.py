@@ -2,10 +2,11 @@
 
 Per layer, keys and values live in [num_blocks * block_size, kv_heads, head_dim] (vLLM's
 [num_blocks, block_size, kv_heads, head_dim] layout, flattened), so a GPU paged-attention
-kernel could read the blocks in place. Here attention gathers each sequence's blocks into
-a padded batch and runs scaled_dot_product_attention with a mask. They are stored in the
-model's dtype, or in FP8 (E4M3) with a scale per layer, which halves the cache of a bf16
-model.
+kernel could read the blocks in place. On the CPU, decode steps of up to 8 sequences of an
+fp32 model do (the C decode step, through `decode_layouts`); otherwise attention gathers
+each sequence's blocks into a padded batch and runs scaled_dot_product_attention with a
+mask. Keys and values are stored in the model's dtype, or in FP8 (E4M3) with a scale per
+layer, which halves the cache of a bf16 model.
 """
 
 from __future__ import annotations
