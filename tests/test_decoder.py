@@ -155,6 +155,27 @@ def test_a_batch_of_sequences_decodes_as_each_alone(checkpoint, scheme):
     assert (fast - slow).abs().max() < tolerance * slow.abs().max()
 
 
+def test_a_batch_in_the_contiguous_cache(checkpoint):
+    model = load(checkpoint, "fp32")
+    prompts = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(4))
+
+    def run(through_c: bool) -> torch.Tensor:
+        cache = model.new_cache(2, 9 + STEPS)
+        with torch.inference_mode():
+            logits = model(prompts, 0, cache, last_only=True)
+        out = []
+        for i in range(STEPS):
+            tokens = logits[:, -1].argmax(-1)[:, None]
+            assert len(cache.decode_layouts(9 + i)) == 2
+            with torch.inference_mode() if through_c else torch.enable_grad():
+                logits = model(tokens, 9 + i, cache).detach()
+            out.append(logits[:, -1])
+        return torch.stack(out)
+
+    fast, slow = run(through_c=True), run(through_c=False)
+    assert (fast - slow).abs().max() < 1e-5 * slow.abs().max()
+
+
 def test_fp32_decode_matches_a_full_forward(checkpoint):
     model = load(checkpoint, "fp32")
     fed: list[int] = []
