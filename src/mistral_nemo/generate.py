@@ -114,7 +114,7 @@ def generate(
     logits = model(tokens, 0, cache, last_only=True)[:, -1]
     next_id = sample(logits, temperature, top_p, top_k, generator)
     pos = len(prompt)
-    light = model.config.dim >= kernels.MIN_COLUMNS
+    light = model.kernels_take(1)
     for step in range(max_tokens):
         token = int(next_id)
         yield token

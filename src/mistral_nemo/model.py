@@ -357,6 +357,17 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         return self.output(self.norm(x))
 
+    def kernels_take(self, rows: int) -> bool:
+        """Whether the CPU kernels do the products of a decode step of `rows` sequences (so
+        torch should keep to one thread, see kernels.one_token_steps): one sequence of a
+        model wide enough for them; up to kernels.MAX_BATCH when its weights are fp32 or
+        quantized (bf16 products of several rows are torch's)."""
+        if rows == 0 or self.config.dim < kernels.MIN_COLUMNS or self.device.type != "cpu":
+            return False
+        w2 = cast(Block, self.layers[0]).feed_forward.w2
+        several = not isinstance(w2, Linear) or w2.weight.dtype == torch.float32
+        return rows == 1 or (rows <= kernels.MAX_BATCH and several)
+
     def kernel_decoder(self) -> Decoder | None:
         """All layers of a decode step (a new token of each of up to kernels.MAX_BATCH
         sequences) as one C call (`kernels.decoder`), built on first use and again when a

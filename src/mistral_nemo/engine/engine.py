@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
-from typing import cast
 
 import torch
 
@@ -23,7 +22,7 @@ from mistral_nemo.engine.paged import PagedKVCache
 from mistral_nemo.engine.params import CompletionOutput, RequestOutput, SamplingParams, TokenLogprob
 from mistral_nemo.engine.sampler import sample_batch
 from mistral_nemo.errors import InvalidRequestError
-from mistral_nemo.model import Block, Linear, Transformer
+from mistral_nemo.model import Transformer
 from mistral_nemo.tokenizer.base import BaseTokenizer, StreamDecoder
 
 
@@ -165,19 +164,8 @@ class Engine:
         # thread, sampling included, and leaves the cores to them (see one_token_steps; two
         # pools of spinning threads on the same cores made a step of two SmolLM2 sequences
         # 10x slower).
-        with kernels.one_token_steps(not chunks and self._kernels_take(len(decode))):
+        with kernels.one_token_steps(not chunks and self.model.kernels_take(len(decode))):
             return self._step(decode, chunks)
-
-    def _kernels_take(self, n: int) -> bool:
-        """Whether the CPU kernels do the products of a decode step of n sequences: one
-        sequence of a model wide enough for them; up to kernels.MAX_BATCH when its weights
-        are fp32 or quantized (bf16 products of several rows are torch's)."""
-        model = self.model
-        if n == 0 or model.config.dim < kernels.MIN_COLUMNS or model.device.type != "cpu":
-            return False
-        w2 = cast(Block, model.layers[0]).feed_forward.w2
-        several = not isinstance(w2, Linear) or w2.weight.dtype == torch.float32
-        return n == 1 or (n <= kernels.MAX_BATCH and several)
 
     def _step(
         self, decode: list[Sequence], chunks: list[tuple[Sequence, int]]
