@@ -122,16 +122,31 @@ def test_long_context_attention_on_all_threads(checkpoint, cache):
     assert (fast - slow).abs().max() < 1e-5 * slow.abs().max()
 
 
-@pytest.mark.parametrize("scheme", ["fp32", "int4", "fp8"])
-def test_a_batch_of_sequences_decodes_as_each_alone(checkpoint, scheme):
-    """Three sequences of different lengths (one long enough for threaded attention) in one
-    paged pool, decoded together in one C call per step."""
+MANY = (5, 17, 400, 3, 1, 33, 64, 130, 2, 77, 250, 9)
+
+
+@pytest.mark.parametrize(
+    ("scheme", "lengths"),
+    [("fp32", (5, 17, 400)), ("int4", (5, 17, 400)), ("fp8", (5, 17, 400)), ("fp32", MANY),
+     ("int8", MANY)],  # fmt: skip
+    ids=["fp32", "int4", "fp8", "fp32-12", "int8-12"],
+)
+def test_a_batch_of_sequences_decodes_as_each_alone(checkpoint, scheme, lengths):
+    """Sequences of different lengths (one long enough for threaded attention) in one paged
+    pool, decoded together in one C call per step: up to 8 of them with quantized weights
+    (12 take the modules), up to kernels.MAX_BATCH with fp32 ones (whose products are then
+    tiled, and whose attention is one list of jobs for all sequences)."""
     model = load(checkpoint, scheme)
+    decoder = model.kernel_decoder()
+    assert decoder is not None
+    assert decoder.max_batch == (kernels.MAX_BATCH if scheme == "fp32" else 8)
     g = torch.Generator().manual_seed(2)
-    prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (5, 17, 400)]
-    cache = PagedKVCache(CONFIG, 160, 4, 1024, torch.float32, torch.device("cpu"))
-    order = torch.randperm(160, generator=g).tolist()
-    tables = [order[0:20], order[20:40], order[40:150]]
+    prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in lengths]
+    sizes = [-(-(n + STEPS) // 4) for n in lengths]
+    cache = PagedKVCache(CONFIG, sum(sizes) + 5, 4, 1024, torch.float32, torch.device("cpu"))
+    order = torch.randperm(sum(sizes) + 5, generator=g).tolist()
+    ends = torch.tensor(sizes).cumsum(0).tolist()
+    tables = [order[end - size : end] for size, end in zip(sizes, ends, strict=True)]
 
     def run(through_c: bool) -> torch.Tensor:
         tokens = []
@@ -143,7 +158,7 @@ def test_a_batch_of_sequences_decodes_as_each_alone(checkpoint, scheme):
         out = []
         for i in range(STEPS):
             step = cache.step(tables, [len(p) + i for p in prompts], 1)
-            assert len(step.decode_layouts(0)) == 3 and model.kernel_decoder() is not None
+            assert len(step.decode_layouts(0)) == len(prompts)
             with torch.inference_mode() if through_c else torch.enable_grad():
                 logits = model(torch.tensor(tokens)[:, None], cache=step).detach()[:, -1]
             tokens = logits.argmax(-1).tolist()

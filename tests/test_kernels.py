@@ -39,15 +39,39 @@ def test_gemv_of_a_few_vectors(dtype, batch):
     ).max()
 
 
+@pytest.mark.parametrize(
+    ("batch", "cols", "rows"),
+    [(8, 700, 300), (16, 64, 32768), (33, 100, 1000), (17, 5, 15)],
+    ids=["first-tiled", "streamed-output", "partial-tiles", "one-partial-tile"],
+)
+def test_fp32_gemv_of_many_vectors(batch, cols, rows):
+    """From 8 vectors on, products run in tiles of 16 rows x 16 vectors (a last tile of
+    each partial), with a large output written past the caches."""
+    if not kernels.available(torch.float32):
+        pytest.skip("no vectorized kernel on this machine")
+    g = torch.Generator().manual_seed(cols)
+    w, x = torch.randn(rows, cols, generator=g), torch.randn(batch, cols, generator=g)
+    expected = F.linear(x.double(), w.double())
+    got = kernels.gemv(w, x)
+    assert got.shape == (batch, rows)
+    assert (got.double() - expected).abs().max() <= 1e-5 * (
+        x.double().abs() @ w.double().abs().t()
+    ).max()
+
+
 def test_fp32_linear_of_a_few_rows_takes_the_kernel(monkeypatch):
     w, x = torch.randn(1024, 640), torch.randn(2, 3, 640)
+    head = torch.randn(4096, 64)  # a tiny model's LM head: short rows are fine for batches
     calls, real = [], kernels.gemv
     monkeypatch.setattr(kernels, "gemv", lambda *a: calls.append(1) or real(*a))
     with torch.inference_mode():
         out = kernels.linear(x, w)  # 6 rows
-        kernels.linear(torch.randn(9, 640), w)  # past MAX_BATCH: torch
-    assert len(calls) == 1 and out.shape == (2, 3, 1024)
+        logits = kernels.linear(torch.ones(16, 64), head)
+        kernels.linear(torch.randn(kernels.MAX_BATCH + 1, 640), w)  # torch's
+        kernels.linear(torch.randn(1, 64), head)  # one short row: torch's
+    assert len(calls) == 2 and out.shape == (2, 3, 1024)
     assert torch.allclose(out, F.linear(x, w), atol=1e-4)
+    assert torch.allclose(logits, F.linear(torch.ones(16, 64), head), atol=1e-4)
 
 
 def test_linear_dispatch_keeps_shape_dtype_and_values():

@@ -341,12 +341,23 @@ class Transformer(nn.Module):
         With a cache, keys and values of these positions are stored and earlier ones read.
         `last_only` computes the LM head for the final position alone (prefill).
         """
+        return self.output(self.hidden(tokens, start, cache, last_only))
+
+    def hidden(
+        self,
+        tokens: torch.Tensor,
+        start: int = 0,
+        cache: AttentionCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """`forward` short of the LM head: the final norm's output [batch, seq, dim] (so that
+        a serving step can put the rows of several passes through one LM head product)."""
         x = self.tok_embeddings(tokens)
         if tokens.shape[1] == 1 and cache is not None and not torch.is_grad_enabled():
             layouts = cache.decode_layouts(start)
             decoder = self.kernel_decoder() if layouts else None
-            if decoder is not None and layouts:
-                return self.output(decoder(x, layouts).view(len(layouts), 1, -1).type_as(x))
+            if decoder is not None and layouts and len(layouts) <= decoder.max_batch:
+                return decoder(x, layouts).view(len(layouts), 1, -1).type_as(x)
         if cache is not None:
             freqs = cache.rope(start, tokens.shape[1])
         else:
@@ -355,21 +366,22 @@ class Transformer(nn.Module):
             x = layer(x, freqs, start, cache, i)
         if last_only:
             x = x[:, -1:]
-        return self.output(self.norm(x))
+        return self.norm(x)
 
     def kernels_take(self, rows: int) -> bool:
         """Whether the CPU kernels do the products of a decode step of `rows` sequences (so
         torch should keep to one thread, see kernels.one_token_steps): one sequence of a
-        model wide enough for them; up to kernels.MAX_BATCH when its weights are fp32 or
-        quantized (bf16 products of several rows are torch's)."""
-        if rows == 0 or self.config.dim < kernels.MIN_COLUMNS or self.device.type != "cpu":
+        model wide enough for them; several when the C decode step takes that many (fp32 or
+        quantized weights; bf16 products of several rows are torch's)."""
+        if rows == 0 or self.device.type != "cpu":
             return False
-        w2 = cast(Block, self.layers[0]).feed_forward.w2
-        several = not isinstance(w2, Linear) or w2.weight.dtype == torch.float32
-        return rows == 1 or (rows <= kernels.MAX_BATCH and several)
+        if rows == 1:
+            return self.config.dim >= kernels.MIN_COLUMNS
+        decoder = self.kernel_decoder()
+        return decoder is not None and rows <= decoder.max_batch
 
     def kernel_decoder(self) -> Decoder | None:
-        """All layers of a decode step (a new token of each of up to kernels.MAX_BATCH
+        """All layers of a decode step (a new token of each of up to `max_batch`
         sequences) as one C call (`kernels.decoder`), built on first use and again when a
         layer or weight has been replaced; None where the kernels do not cover this model
         (not fp32, a layer type they do not know)."""

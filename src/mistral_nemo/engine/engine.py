@@ -26,7 +26,7 @@ from mistral_nemo.model import Transformer
 from mistral_nemo.tokenizer.base import BaseTokenizer, StreamDecoder
 
 
-@dataclass
+@dataclass(eq=False)  # one sequence is equal only to itself (the scheduler's `in` tests)
 class Sequence:
     """One completion of a request: its tokens, blocks and text."""
 
@@ -47,6 +47,10 @@ class Sequence:
     @property
     def tokens(self) -> list[int]:
         return self.request.prompt + self.output
+
+    @property
+    def last_token(self) -> int:
+        return self.output[-1] if self.output else self.request.prompt[-1]
 
     @property
     def pending(self) -> int:
@@ -171,11 +175,14 @@ class Engine:
         self, decode: list[Sequence], chunks: list[tuple[Sequence, int]]
     ) -> list[RequestOutput]:
         seqs: list[Sequence] = []
-        rows: list[torch.Tensor] = []  # next-token logits, [n, vocab] each
+        # The final hidden state of each sequence that gets a next token, [n, dim] each: one
+        # LM head product for all of them (16 prompts ending in one step took 16 products).
+        rows: list[torch.Tensor] = []
+        model = self.model
         if decode:
             step = self.cache.step([s.blocks for s in decode], [s.computed for s in decode], 1)
-            tokens = torch.tensor([[s.tokens[-1]] for s in decode], device=self.model.device)
-            rows.append(self.model(tokens, cache=step)[:, -1])
+            tokens = torch.tensor([[s.last_token] for s in decode], device=model.device)
+            rows.append(model.hidden(tokens, cache=step)[:, -1])
             for s in decode:
                 s.computed += 1
             seqs += decode
@@ -183,17 +190,17 @@ class Engine:
                 kernels.pool_sleep()  # the prefill's matmuls need all the cores
         for s, n in chunks:
             step = self.cache.step([s.blocks], [s.computed], n)
-            tokens = torch.tensor([s.tokens[s.computed : s.computed + n]], device=self.model.device)
-            logits = self.model(tokens, cache=step, last_only=True)[:, -1]
+            tokens = torch.tensor([s.tokens[s.computed : s.computed + n]], device=model.device)
+            hidden = model.hidden(tokens, cache=step, last_only=True)[:, -1]
             s.computed += n
             if s.pending == 0:
-                rows.append(logits)
+                rows.append(hidden)
                 seqs.append(s)
         for s in [*decode, *(c[0] for c in chunks)]:
             self._register_full_blocks(s)
         if not seqs:
             return []
-        logits = (rows[0] if len(rows) == 1 else torch.cat(rows)).float()
+        logits = model.output(rows[0] if len(rows) == 1 else torch.cat(rows)).float()
         return [self._output(r) for r in self._sample(seqs, logits)]
 
     def _schedule(self) -> tuple[list[Sequence], list[tuple[Sequence, int]]]:
@@ -259,7 +266,10 @@ class Engine:
             seq.computed = len(seq.blocks) * bs
 
     def _register_full_blocks(self, seq: Sequence) -> None:
-        tokens, bs = seq.tokens, self.block_size
+        bs = self.block_size
+        if (len(seq.hashes) + 1) * bs > seq.computed:
+            return
+        tokens = seq.tokens
         while (len(seq.hashes) + 1) * bs <= seq.computed:
             i = len(seq.hashes)
             h = block_hash(seq.hashes[-1] if seq.hashes else None, tokens[i * bs : (i + 1) * bs])

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from mistral_nemo import kernels
 from mistral_nemo.config import ModelConfig
 from mistral_nemo.kernels.decoder import KVLayout
-from mistral_nemo.model import decode_attention, rope_frequencies
+from mistral_nemo.model import causal_attention, decode_attention, rope_frequencies
 from mistral_nemo.quant.linear import FP8, FP8_MAX
 
 
@@ -91,7 +91,8 @@ class PagedStep:
     @cached_property
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """For torch's path: positions [B, T], the slots of positions 0..longest-1 [B,
-        longest] (padding repeats slot 0), the slots to write [B * T], and the mask."""
+        longest] (padding repeats slot 0), the slots to write [B * T], and the mask of several
+        sequences (None for one: its keys are all it sees, causally)."""
         device, bs = self.cache.k.device, self.cache.block_size
         positions = (
             torch.tensor(self.starts, device=device)[:, None]
@@ -102,7 +103,7 @@ class PagedStep:
         table = torch.tensor([[*t[:n], *[0] * (n - len(t[:n]))] for t in self.tables])
         slots = (table[:, :, None] * bs + torch.arange(bs)).flatten(1)[:, :longest].to(device)
         mask = None
-        if len(self.tables) > 1 or self.length > 1:
+        if len(self.tables) > 1:  # (one sequence's keys are exactly those it sees)
             # Key j is visible to the query at position p when j <= p (causal, and it masks
             # the padding past each sequence's end).
             mask = (torch.arange(longest, device=device)[None, None, :] <= positions[:, :, None])[
@@ -144,4 +145,6 @@ class PagedStep:
         keys, values = self.cache.read(layer, read_slots)  # [B, kv_heads, longest, hd]
         if t == 1:
             return decode_attention(q, keys, values, mask)
+        if mask is None:
+            return causal_attention(q, keys, values, self.starts[0])
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)

@@ -31,14 +31,17 @@ _KINDS = {torch.bfloat16: 0, torch.float32: 1, torch.float8_e4m3fn: 2}
 INT4 = 3  # kinds of the int4 and int8 kernels (their weights' dtypes say too little)
 INT8 = 4
 # Below this many weight elements, the call costs more than torch's GEMV loses; below this
-# row length, per-row reductions do (a tiny model's 64-wide LM head). With the worker pool,
-# a 192x576 product already gains.
+# row length, one vector's per-row reductions do (a tiny model's 64-wide LM head). With the
+# worker pool, a 192x576 product already gains.
 MIN_ELEMENTS = 1 << 16
 MIN_COLUMNS = 512
-# Rows of activations up to which the kernels, reading the weights once for all of them (fp32)
-# or once per row (quantized), beat torch's fp32 product (measured 1.1-6x for 2-8 rows of
-# SmolLM2 and NeMo shapes) and the quantized layers' dequantizing it.
-MAX_BATCH = 8
+# Rows of activations up to which the fp32 kernels, reading the weights once for all of them,
+# beat torch's product: 1.1-6x for 2-8 rows of SmolLM2 and NeMo shapes, 1.5-2.9x for 16 rows
+# of wide LM heads; at 32 rows about even on NeMo's widths, and behind past that.
+MAX_BATCH = 32
+# The quantized kernels read the weights once per row of activations: up to this many rows
+# that beats dequantizing the weights for torch's product.
+MAX_BATCH_QUANTIZED = 8
 
 
 _kernel_threads: int | None = None  # set while torch is kept to one thread (see below)
@@ -197,15 +200,17 @@ def gemv_int8(weight: torch.Tensor, row_scale: torch.Tensor, x: torch.Tensor) ->
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, weight) without bias, through the GEMV kernel where it pays: one row of x,
-    or up to MAX_BATCH of them with fp32 weights."""
+    """F.linear(x, weight) without bias, through the GEMV kernel where it pays: one row of x
+    by rows of MIN_COLUMNS or more, or up to MAX_BATCH rows by fp32 weights of any width."""
     rows = x.numel() // weight.shape[-1]
     if (
         x.device.type == "cpu"
         and x.dtype == weight.dtype
-        and (rows == 1 or (1 < rows <= MAX_BATCH and weight.dtype == torch.float32))
+        and (
+            (rows == 1 and weight.shape[-1] >= MIN_COLUMNS)
+            or (1 < rows <= MAX_BATCH and weight.dtype == torch.float32)
+        )
         and weight.numel() >= MIN_ELEMENTS
-        and weight.shape[-1] >= MIN_COLUMNS
         and weight.is_contiguous()
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and available(weight.dtype)

@@ -15,7 +15,16 @@ from typing import NamedTuple
 
 import torch
 
-from mistral_nemo.kernels import _KINDS, INT4, INT8, _library, _threads, available
+from mistral_nemo.kernels import (
+    _KINDS,
+    INT4,
+    INT8,
+    MAX_BATCH,
+    MAX_BATCH_QUANTIZED,
+    _library,
+    _threads,
+    available,
+)
 
 # Weight dtypes that come with scales.
 _SCALED = (torch.uint8, torch.int8, torch.float8_e4m3fn)
@@ -166,6 +175,14 @@ class Decoder:
         self._decoder = _Decoder(len(layers), dim, hidden, heads, kv, head_dim, eps, layers_pointer)
         self._decoder.norm = self._pointer(norm)
         self.dim = dim
+        # How many sequences a step may take while it beats torch's products: fp32 weights
+        # are read once for all of them, the others once per sequence.
+        fp32 = all(
+            x.weight.dtype == torch.float32
+            for spec in layers
+            for x in (*spec.qkv, spec.wo, *spec.gate_up, spec.w2)
+        )
+        self.max_batch = MAX_BATCH if fp32 else MAX_BATCH_QUANTIZED
 
     @staticmethod
     def supports(

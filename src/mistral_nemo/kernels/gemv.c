@@ -3,8 +3,8 @@
  * Decoding one token reads every weight once, so its speed is set by memory bandwidth.
  * torch's bf16 GEMV reaches about 2/3 of it on AVX-512 machines; this streams each weight
  * row once with independent accumulators and keeps up with the memory. Rows are shared by
- * `threads` POSIX threads. Also here: one token's attention (`attend_one`) and a whole
- * decode step (`decode_step`). Built at first use with -march=native.
+ * `threads` POSIX threads. Also here: products of up to a few dozen vectors (`gemv`), and a
+ * whole decode step (`decode_step`). Built at first use with -march=native.
  */
 #include <math.h>
 #include <pthread.h>
@@ -442,11 +442,107 @@ static void run_threads(job_t *job, int threads) {
     pthread_mutex_unlock(&call_lock);
 }
 
+#if defined(__AVX512F__)
+/* ---- fp32 products of many vectors by short rows ---------------------------------------
+ * Sixteen or more vectors times a short row (a small model's LM head: [16, 64] x [64, 131072])
+ * are bound by the multiply-adds, and a dot product per (row, vector) spends as much again
+ * summing its 16 lanes. Here the lanes are 16 vectors instead: x is transposed once, each
+ * weight is broadcast against 16 vectors' elements, and each tile of 16 rows x 16 vectors
+ * is transposed once at the end. */
+typedef struct {
+    const float *w, *xt; /* xt [cols, lanes]: x transposed, lanes = batch rounded up to 16 */
+    float *out;
+    long rows, cols, batch, lanes;
+    int stream; /* out is too large for the caches */
+} tiles_t;
+
+/* r[i] = row i of a 16 x 16 block becomes r[j] = column j. */
+static inline void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) { /* 128-bit lane L: rows i, i+1 at columns 4L..4L+3 */
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) { /* r[i + c], lane L: column 4L + c of rows i..i+3 */
+        const __m512d a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 1]);
+        const __m512d c = _mm512_castps_pd(t[i + 2]), d = _mm512_castps_pd(t[i + 3]);
+        r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+        r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+        r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+        r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+    }
+    for (int c = 0; c < 4; c++) { /* a 4 x 4 transpose of 128-bit lanes */
+        const __m512 v0 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x44);
+        const __m512 v1 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xEE);
+        const __m512 v2 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x44);
+        const __m512 v3 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xEE);
+        t[c] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+        t[4 + c] = _mm512_shuffle_f32x4(v0, v2, 0xDD);
+        t[8 + c] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+        t[12 + c] = _mm512_shuffle_f32x4(v1, v3, 0xDD);
+    }
+    memcpy(r, t, sizeof(t));
+}
+
+static void tile16(const void *arg, long tile) {
+    const tiles_t *t = arg;
+    const long r0 = tile * 16, n = t->rows - r0 < 16 ? t->rows - r0 : 16, cols = t->cols;
+    const float *w[16];
+    for (int i = 0; i < 16; i++) /* a last, partial tile repeats its last row */
+        w[i] = t->w + (r0 + (i < n ? i : n - 1)) * cols;
+    for (long b0 = 0; b0 < t->batch; b0 += 16) {
+        __m512 acc[16];
+        for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+        for (long k = 0; k < cols; k++) {
+            const __m512 xv = _mm512_loadu_ps(t->xt + k * t->lanes + b0);
+#pragma GCC unroll 16
+            for (int i = 0; i < 16; i++) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(w[i][k]), xv, acc[i]);
+        }
+        transpose16(acc); /* acc[j]: vector b0 + j's products with rows r0..r0+15 */
+        const __mmask16 m = (__mmask16)((1u << n) - 1);
+        for (long j = 0; j < 16 && b0 + j < t->batch; j++) {
+            float *out = t->out + (b0 + j) * t->rows + r0;
+            /* Past the caches' reach, whole lines go straight to memory: with a power-of-two
+             * row count every vector's line of a tile falls in one cache set, and 16 of them
+             * evict each other (measured 2-4x slower). */
+            if (t->stream && n == 16 && ((uintptr_t)out & 63) == 0)
+                _mm512_stream_ps(out, acc[j]);
+            else
+                _mm512_mask_storeu_ps(out, m, acc[j]);
+        }
+    }
+    if (t->stream) _mm_sfence();
+}
+
+/* From this many vectors on, the tiles beat a dot product per (row, vector). */
+enum { TILE_BATCH = 8, STREAM_OUTPUT = 1 << 19 };
+#endif
+
 /* out [batch, rows] = x [batch, cols] @ w^T for bf16, fp32 or fp8 w (x bf16 for bf16 and
  * fp8). A few vectors at a time still read the weights once: torch's fp32 product of a few
  * rows by a wide matrix is up to 6x slower than that. */
 void gemv(const void *w, const void *x, float *out, long rows, long cols, long batch, int kind,
           int threads) {
+#if defined(__AVX512F__)
+    if (kind == 1 && batch >= TILE_BATCH) {
+        const long lanes = (batch + 15) / 16 * 16;
+        float *xt = calloc(cols * lanes, sizeof(float));
+        for (long b = 0; b < batch; b++)
+            for (long k = 0; k < cols; k++) xt[k * lanes + b] = ((const float *)x)[b * cols + k];
+        tiles_t t = {w, xt, out, rows, cols, batch, lanes, rows * batch >= STREAM_OUTPUT};
+        job_t job = {0};
+        job.rows = (rows + 15) / 16;
+        job.each = tile16;
+        job.ctx = &t;
+        /* about eight claims per thread: each claim is a trip of the counter's cache line
+         * between the cores */
+        job.chunk = job.rows / (8L * threads);
+        job.chunk = job.chunk < 1 ? 1 : job.chunk > 64 ? 64 : job.chunk;
+        run_threads(&job, threads);
+        free(xt);
+        return;
+    }
+#endif
     job_t job = {w, x, out, rows, cols, kind, 0, NULL, NULL, 1, NULL, NULL, NULL, 0.f, batch};
     run_threads(&job, threads);
 }
@@ -553,6 +649,14 @@ typedef struct {
     float *part;   /* [kv * spans, heads / kv, hd + 2]: output, highest score, sum */
 } attention_t;
 
+/* The attention of every sequence of a step as one list of jobs: sequence i's are jobs
+ * first[i] .. first[i + 1] - 1. */
+typedef struct {
+    const attention_t *seqs;
+    const long *first;
+    long n;
+} attentions_t;
+
 #if defined(__AVX512F__)
 /* e^x for x in [-87, 88]: 2^n e^r with n = round(x / ln 2) and |r| <= ln(2) / 2, e^r by its
  * Taylor polynomial of degree 6 (relative error ~1e-7, about glibc's expf). */
@@ -591,8 +695,7 @@ static float exp_shifted(float *x, long n, float shift) {
     return total;
 }
 
-static void attend_span(const void *arg, long job) {
-    const attention_t *a = arg;
+static void attend_span(const attention_t *a, long job) {
     const int group = a->heads / a->kv, hd = a->hd;
     const long g = job / a->spans, p0 = (job % a->spans) * a->span;
     const long len = a->n - p0 < a->span ? a->n - p0 : a->span, head = g * a->head_stride;
@@ -626,16 +729,31 @@ static void attend_span(const void *arg, long job) {
     }
 }
 
-/* Below this many multiply-adds, attention stays on the calling thread; spans are at least
- * SPAN positions. */
+static void attend_job(const void *arg, long job) {
+    const attentions_t *all = arg;
+    long i = 0;
+    while (job >= all->first[i + 1]) i++;
+    attend_span(&all->seqs[i], job - all->first[i]);
+}
+
+/* Below this many multiply-adds in all, attention stays on the calling thread; spans are at
+ * least SPAN positions. */
 enum { PARALLEL_ATTENTION = 1 << 16, SPAN = 128 };
 
-/* RoPE on q [heads, hd] and k [kv, hd] in place at `pos` (interleaved pairs; `rot` holds
- * cos, sin for each pair), k and v stored at `pos`, then attention over 0..pos into `out`.
- * `scratch` holds (pos + 1 + 4 threads) * heads + (hd + 2) * heads * 4 threads floats. */
-static void attend_one(float *q, float *k, const float *v, float *kc, float *vc,
-                       const long *offs, long head_stride, long pos, int heads, int kv, int hd,
-                       const float *rot, float *scratch, float *out, int threads) {
+/* How sequence `a` (its n, heads, kv and hd set) splits into spans: about four jobs per
+ * thread, of SPAN positions or more. Returns the floats of scratch its jobs need. */
+static long plan_spans(attention_t *a, int threads) {
+    long spans = (4L * threads + a->kv - 1) / a->kv, most = (a->n + SPAN - 1) / SPAN;
+    spans = spans < most ? spans : most;
+    a->span = (a->n + spans - 1) / spans;
+    a->spans = (a->n + a->span - 1) / a->span;
+    return (long)a->heads * a->spans * (a->span + a->hd + 2);
+}
+
+/* RoPE on q [heads, hd] and k [kv, hd] in place (interleaved pairs; `rot` holds cos, sin
+ * for each pair), then k and v stored at slot offset `off` of the caches. */
+static void rope_and_store(float *q, float *k, const float *v, float *kc, float *vc, long off,
+                           long head_stride, int heads, int kv, int hd, const float *rot) {
     for (int h = 0; h < heads + kv; h++) {
         float *x = h < heads ? q + (long)h * hd : k + (long)(h - heads) * hd;
         for (int i = 0; i < hd / 2; i++) {
@@ -645,32 +763,22 @@ static void attend_one(float *q, float *k, const float *v, float *kc, float *vc,
         }
     }
     for (int g = 0; g < kv; g++) {
-        memcpy(kc + offs[pos] + g * head_stride, k + (long)g * hd, sizeof(float) * hd);
-        memcpy(vc + offs[pos] + g * head_stride, v + (long)g * hd, sizeof(float) * hd);
+        memcpy(kc + off + g * head_stride, k + (long)g * hd, sizeof(float) * hd);
+        memcpy(vc + off + g * head_stride, v + (long)g * hd, sizeof(float) * hd);
     }
-    const long n = pos + 1;
-    if (n * heads * hd < PARALLEL_ATTENTION) threads = 1;
-    /* about four jobs per thread, of SPAN positions or more */
-    long spans = (4L * threads + kv - 1) / kv, most = (n + SPAN - 1) / SPAN;
-    spans = spans < most ? spans : most;
-    const long span = (n + spans - 1) / spans;
-    spans = (n + span - 1) / span;
-    float *part = scratch + (long)heads * spans * span;
-    attention_t a = {q, kc, vc, offs, head_stride, n, span, spans, heads, kv, hd, scratch, part};
-    job_t job = {0};
-    job.rows = kv * spans;
-    job.each = attend_span;
-    job.ctx = &a;
-    job.chunk = 1;
-    run_threads(&job, threads);
-    const int group = heads / kv;
-    for (int h = 0; h < heads; h++) { /* merge the spans */
-        const float *first = part + ((long)(h / group) * spans * group + h % group) * (hd + 2);
+}
+
+/* out[h] for each sequence's query head h: its spans' outputs merged. */
+static void merge_spans(const attention_t *a, float *out) {
+    const int group = a->heads / a->kv, hd = a->hd;
+    for (int h = 0; h < a->heads; h++) {
+        const float *first = a->part + ((long)(h / group) * a->spans * group + h % group) * (hd + 2);
         const long stride = (long)group * (hd + 2); /* from one span to the next */
         float top = -INFINITY, total = 0.f, *o = out + (long)h * hd;
-        for (long s = 0; s < spans; s++) top = first[s * stride + hd] > top ? first[s * stride + hd] : top;
+        for (long s = 0; s < a->spans; s++)
+            top = first[s * stride + hd] > top ? first[s * stride + hd] : top;
         memset(o, 0, sizeof(float) * hd);
-        for (long s = 0; s < spans; s++) {
+        for (long s = 0; s < a->spans; s++) {
             const float *ps = first + s * stride, w = expf(ps[hd] - top);
             total += w * ps[hd + 1];
             for (int d = 0; d < hd; d++) o[d] += w * ps[d];
@@ -791,41 +899,65 @@ void decode_step(const decoder_t *m, long batch, const kv_layout_t *c, const lon
     const long dim = m->dim, hidden = m->hidden, hd = m->hd, q_size = (long)m->heads * hd;
     const long kv_size = (long)m->kv * hd;
     const long widest = hidden > q_size ? (hidden > dim ? hidden : dim) : (q_size > dim ? q_size : dim);
-    long longest = 0, offs_total = 0;
+    /* Every sequence's attention, planned once for all layers: its spans, its slot offsets
+     * of its positions, and its jobs' place in one list (so that many short sequences still
+     * make one call to the threads). */
+    attention_t *att_seq = calloc(batch, sizeof(attention_t));
+    long *first = malloc(sizeof(long) * (batch + 1)), offs_total = 0, scratch_total = 0, work = 0;
+    for (long b = 0; b < batch; b++) work += (pos[b] + 1) * q_size;
+    const int att_threads = work < PARALLEL_ATTENTION ? 1 : threads;
+    first[0] = 0;
     for (long b = 0; b < batch; b++) {
-        longest = pos[b] + 1 > longest ? pos[b] + 1 : longest;
-        offs_total += pos[b] + 1;
+        attention_t *a = &att_seq[b];
+        a->n = pos[b] + 1;
+        a->heads = m->heads, a->kv = m->kv, a->hd = m->hd;
+        a->head_stride = c[b].head_stride;
+        scratch_total += plan_spans(a, att_threads);
+        first[b + 1] = first[b] + a->kv * a->spans;
+        offs_total += a->n;
     }
-    const long attention_scratch = (longest + 4L * threads + (hd + 2L) * 4 * threads) * m->heads;
     float *h = malloc(sizeof(float) * (batch * (dim + q_size + 2 * kv_size + q_size + dim +
-                                                3 * hidden) + attention_scratch));
+                                                3 * hidden) + scratch_total));
     float *qkv = h + batch * dim, *att = qkv + batch * (q_size + 2 * kv_size);
     float *o = att + batch * q_size, *gate_up = o + batch * dim;
     float *gate = gate_up + batch * 2 * hidden; /* [batch, hidden]: SiLU(gate) * up */
-    float *scratch = gate + batch * hidden;
     uint16_t *xb = malloc(sizeof(uint16_t) * batch * widest);
-    /* each sequence's slot offsets of its positions, the same in all layers */
-    long *offs = malloc(sizeof(long) * offs_total), **seq_offs = malloc(sizeof(long *) * batch);
-    for (long b = 0, at = 0; b < batch; at += pos[b] + 1, b++) {
+    long *offs = malloc(sizeof(long) * offs_total);
+    for (long b = 0, at = 0, sc = 0; b < batch; at += att_seq[b].n, b++) {
+        attention_t *a = &att_seq[b];
         const long bs = c[b].block_size;
-        seq_offs[b] = offs + at;
-        for (long p = 0; p <= pos[b]; p++)
-            seq_offs[b][p] =
-                (c[b].blocks ? c[b].blocks[p / bs] * bs + p % bs : p) * c[b].slot_stride;
+        long *seq_offs = offs + at;
+        for (long p = 0; p < a->n; p++)
+            seq_offs[p] = (c[b].blocks ? c[b].blocks[p / bs] * bs + p % bs : p) * c[b].slot_stride;
+        a->offs = seq_offs;
+        a->scores = gate + batch * hidden + sc;
+        a->part = a->scores + (long)a->heads * a->spans * a->span;
+        sc += (long)a->heads * a->spans * (a->span + a->hd + 2);
     }
+    const attentions_t all = {att_seq, first, batch};
+    job_t att_job = {0};
+    att_job.rows = first[batch];
+    att_job.each = attend_job;
+    att_job.ctx = &all;
+    att_job.chunk = 1;
     for (int i = 0; i < m->n_layers; i++) {
         const layer_t *l = &m->layers[i];
         for (long b = 0; b < batch; b++)
             rms_norm(x + b * dim, l->attention_norm, h + b * dim, dim, m->eps);
         linears(l->qkv, l->n_qkv, h, qkv, batch, xb, threads);
         for (long b = 0; b < batch; b++) {
+            attention_t *a = &att_seq[b];
             const long layer = i * c[b].layer_stride;
-            attend_one(stacked(qkv, l->qkv, l->n_qkv, batch, b, 0),
-                       stacked(qkv, l->qkv, l->n_qkv, batch, b, q_size),
-                       stacked(qkv, l->qkv, l->n_qkv, batch, b, q_size + kv_size),
-                       c[b].k + layer, c[b].v + layer, seq_offs[b], c[b].head_stride, pos[b],
-                       m->heads, m->kv, m->hd, rot + b * hd, scratch, att + b * q_size, threads);
+            float *q = stacked(qkv, l->qkv, l->n_qkv, batch, b, 0);
+            a->q = q, a->kc = c[b].k + layer, a->vc = c[b].v + layer;
+            rope_and_store(q, stacked(qkv, l->qkv, l->n_qkv, batch, b, q_size),
+                           stacked(qkv, l->qkv, l->n_qkv, batch, b, q_size + kv_size),
+                           c[b].k + layer, c[b].v + layer, a->offs[pos[b]], a->head_stride,
+                           m->heads, m->kv, m->hd, rot + b * hd);
         }
+        att_job.next = 0;
+        run_threads(&att_job, att_threads);
+        for (long b = 0; b < batch; b++) merge_spans(&att_seq[b], att + b * q_size);
         linear(&l->wo, att, o, batch, xb, threads);
         for (long d = 0; d < batch * dim; d++) x[d] += o[d];
         for (long b = 0; b < batch; b++)
@@ -842,7 +974,8 @@ void decode_step(const decoder_t *m, long batch, const kv_layout_t *c, const lon
     }
     for (long b = 0; b < batch; b++) rms_norm(x + b * dim, m->norm, h + b * dim, dim, m->eps);
     memcpy(x, h, sizeof(float) * batch * dim);
-    free(seq_offs);
+    free(att_seq);
+    free(first);
     free(offs);
     free(xb);
     free(h);
