@@ -127,8 +127,13 @@ MANY = (5, 17, 400, 3, 1, 33, 64, 130, 2, 77, 250, 9)
 
 @pytest.mark.parametrize(
     ("scheme", "lengths"),
-    [("fp32", (5, 17, 400)), ("int4", (5, 17, 400)), ("fp8", (5, 17, 400)), ("fp32", MANY),
-     ("int8", MANY)],  # fmt: skip
+    [
+        ("fp32", (5, 17, 400)),
+        ("int4", (5, 17, 400)),
+        ("fp8", (5, 17, 400)),
+        ("fp32", MANY),
+        ("int8", MANY),
+    ],  # fmt: skip
     ids=["fp32", "int4", "fp8", "fp32-12", "int8-12"],
 )
 def test_a_batch_of_sequences_decodes_as_each_alone(checkpoint, scheme, lengths):
