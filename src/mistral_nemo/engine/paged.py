@@ -123,13 +123,14 @@ class PagedStep:
         if c.kv_dtype != torch.float32 or c.k.device.type != "cpu":
             return None
         bs, (kv, hd) = c.block_size, c.k.shape[2:]
-        layouts = []
-        for table, pos in zip(self.tables, self.starts, strict=True):
-            if len(table) <= pos // bs:
-                return None  # (the C step writes at `pos` unchecked)
-            blocks = torch.tensor(table[: pos // bs + 1])
-            layouts.append(KVLayout(c.k, c.v, kv * hd, hd, c.freqs, pos, blocks, bs))
-        return layouts
+        used = [pos // bs + 1 for pos in self.starts]  # blocks up to the new token's
+        if any(len(t) < n for t, n in zip(self.tables, used, strict=True)):
+            return None  # (the C step writes at `pos` unchecked)
+        blocks = torch.tensor([b for t, n in zip(self.tables, used, strict=True) for b in t[:n]])
+        return [
+            KVLayout(c.k, c.v, kv * hd, hd, c.freqs, pos, table, bs)
+            for pos, table in zip(self.starts, blocks.split(used), strict=True)
+        ]
 
     def attend(
         self, layer: int, start: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor

@@ -248,7 +248,11 @@ class Decoder:
             )
         )
         positions = (ctypes.c_long * batch)(*(c.pos for c in caches))
-        rotations = torch.stack([torch.view_as_real(c.freqs[c.pos]) for c in caches])
+        freqs = caches[0].freqs
+        if all(c.freqs is freqs for c in caches):  # one cache's sequences: one gather
+            rotations = torch.view_as_real(freqs[[c.pos for c in caches]])
+        else:
+            rotations = torch.stack([torch.view_as_real(c.freqs[c.pos]) for c in caches])
         lib.decode_step(
             ctypes.byref(self._decoder), batch, layouts, positions, rotations.data_ptr(),
             out.data_ptr(), _threads(),
