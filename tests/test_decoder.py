@@ -133,14 +133,15 @@ MANY = (5, 17, 400, 3, 1, 33, 64, 130, 2, 77, 250, 9)
         ("fp8", (5, 17, 400)),
         ("fp32", MANY),
         ("int8", MANY),
-    ],  # fmt: skip
-    ids=["fp32", "int4", "fp8", "fp32-12", "int8-12"],
+        ("fp32", tuple(range(1, 41))),
+    ],
+    ids=["fp32", "int4", "fp8", "fp32-12", "int8-12", "fp32-40"],
 )
 def test_a_batch_of_sequences_decodes_as_each_alone(checkpoint, scheme, lengths):
     """Sequences of different lengths (one long enough for threaded attention) in one paged
-    pool, decoded together in one C call per step: up to 8 of them with quantized weights
-    (12 take the modules), up to kernels.MAX_BATCH with fp32 ones (whose products are then
-    tiled, and whose attention is one list of jobs for all sequences)."""
+    pool, decoded together in C: up to 8 of them with quantized weights (12 take the
+    modules); with fp32 ones, up to kernels.MAX_BATCH per call (products in tiles, and the
+    attention of all sequences one list of jobs), more in several calls."""
     model = load(checkpoint, scheme)
     decoder = model.kernel_decoder()
     assert decoder is not None
@@ -257,3 +258,17 @@ def test_bf16_models_and_copies(checkpoint):
     assert pickle.loads(pickle.dumps(model))._built.pins is None
     model.to(torch.bfloat16)
     assert model.kernel_decoder() is None  # bf16 activations: the torch path
+
+
+def test_which_decode_steps_the_kernels_take(checkpoint):
+    """Whether the kernels do a decode step of n sequences (torch then keeps to one thread):
+    the C step must take n, and the kernels the LM head's product of n rows."""
+    model = load(checkpoint, "fp32")
+    assert not model.kernels_take(1)  # one row by this narrow model's head: torch's product
+    assert model.kernels_take(2) and model.kernels_take(40)  # 40: C calls of 32 and 8
+    assert not model.kernels_take(kernels.MAX_BATCH_SHORT_ROWS + 1)  # the head: torch's
+    quantized = load(checkpoint, "int8")
+    assert quantized.kernels_take(kernels.MAX_BATCH_QUANTIZED)
+    assert not quantized.kernels_take(kernels.MAX_BATCH_QUANTIZED + 1)
+    model.to(torch.bfloat16)
+    assert not model.kernels_take(2)

@@ -133,3 +133,19 @@ def test_int8_gemv_matches_dequantized_weights(cols):
     got = kernels.gemv_int8(layer.weight, layer.weight_scale, x)
     ref = F.linear(x.float(), layer.weight.float() * layer.weight_scale[:, None])
     assert (got - ref).norm() / ref.norm() < 2e-2
+
+
+@pytest.mark.parametrize("cols", [1, 7, 16, 33, 131072])
+def test_argmax_is_numpys(cols):
+    """First of equal maxima, and a NaN counts as the largest (numpy's rules), wherever in a
+    row (first lanes, vector blocks, the tail)."""
+    g = torch.Generator().manual_seed(cols)
+    x = torch.randint(-3, 4, (12, cols), generator=g).float()  # many ties
+    x[1] = -torch.inf
+    for row, at in [(2, 0), (3, cols - 1), (4, cols // 2), (5, min(5, cols - 1))]:
+        x[row, at] = torch.nan
+    x[6, cols // 3 :] = torch.nan
+    got = kernels.argmax(x)
+    if got is None:
+        pytest.skip("no kernels here")
+    assert got.tolist() == x.numpy().argmax(-1).tolist()

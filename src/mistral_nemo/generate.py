@@ -36,9 +36,14 @@ def _nucleus(logits: torch.Tensor, k: int, top_p: float) -> tuple[torch.Tensor, 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """Greedy ids [batch] from logits [batch, vocab]. On CPU numpy's vectorized argmax is
-    ~10x faster than torch's over a 131k vocabulary (same first-maximum tie rule)."""
+    ~10x faster than torch's over a 131k vocabulary (same first-maximum tie rule), and the
+    kernels' threads faster still on a serving step's logits."""
     if logits.device.type == "cpu":
-        return torch.from_numpy(logits.float().numpy().argmax(-1))
+        logits = logits.float()
+        found = kernels.argmax(logits.reshape(-1, logits.shape[-1]))
+        if found is not None:
+            return found.view(logits.shape[:-1])
+        return torch.from_numpy(logits.numpy().argmax(-1))
     return logits.argmax(dim=-1)
 
 

@@ -56,7 +56,7 @@ class KVCache:
     def decode_layouts(self, start: int) -> list[KVLayout] | None:
         b, kv, max_len, hd = self.k.shape[1:]
         usable = self.k.dtype == torch.float32 and self.k.device.type == "cpu"
-        if b > kernels.MAX_BATCH or not 0 <= start < max_len or not usable:
+        if not 0 <= start < max_len or not usable:
             return None  # (the C step writes at `start` unchecked)
         return [
             KVLayout(self.k[:, i], self.v[:, i], hd, max_len * hd, self.freqs, start)
@@ -356,7 +356,7 @@ class Transformer(nn.Module):
         if tokens.shape[1] == 1 and cache is not None and not torch.is_grad_enabled():
             layouts = cache.decode_layouts(start)
             decoder = self.kernel_decoder() if layouts else None
-            if decoder is not None and layouts and len(layouts) <= decoder.max_batch:
+            if decoder is not None and layouts and decoder.takes(len(layouts)):
                 return decoder(x, layouts).view(len(layouts), 1, -1).type_as(x)
         if cache is not None:
             freqs = cache.rope(start, tokens.shape[1])
@@ -372,13 +372,21 @@ class Transformer(nn.Module):
         """Whether the CPU kernels do the products of a decode step of `rows` sequences (so
         torch should keep to one thread, see kernels.one_token_steps): one sequence of a
         model wide enough for them; several when the C decode step takes that many (fp32 or
-        quantized weights; bf16 products of several rows are torch's)."""
+        quantized weights; bf16 products of several rows are torch's) and the kernels the
+        LM head's product."""
         if rows == 0 or self.device.type != "cpu":
             return False
         if rows == 1:
             return self.config.dim >= kernels.MIN_COLUMNS
         decoder = self.kernel_decoder()
-        return decoder is not None and rows <= decoder.max_batch
+        head = self.output
+        if not isinstance(head, Linear):  # quantized
+            head_rows = kernels.MAX_BATCH_QUANTIZED
+        elif head.weight.dtype == torch.float32:
+            head_rows = kernels.fp32_rows(self.config.dim)
+        else:
+            head_rows = 1
+        return decoder is not None and decoder.takes(rows) and rows <= head_rows
 
     def kernel_decoder(self) -> Decoder | None:
         """All layers of a decode step (a new token of each of up to `max_batch`

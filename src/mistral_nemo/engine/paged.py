@@ -17,7 +17,6 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
-from mistral_nemo import kernels
 from mistral_nemo.config import ModelConfig
 from mistral_nemo.kernels.decoder import KVLayout
 from mistral_nemo.model import causal_attention, decode_attention, rope_frequencies
@@ -115,10 +114,9 @@ class PagedStep:
         return self.cache.freqs[self._batch[0]]
 
     def decode_layouts(self, start: int) -> list[KVLayout] | None:
-        """A decode step of up to kernels.MAX_BATCH sequences reads their blocks in place
-        (fp32 caches)."""
+        """A decode step reads the sequences' blocks in place (fp32 caches)."""
         c = self.cache
-        if self.length != 1 or len(self.tables) > kernels.MAX_BATCH:
+        if self.length != 1:
             return None
         if c.kv_dtype != torch.float32 or c.k.device.type != "cpu":
             return None

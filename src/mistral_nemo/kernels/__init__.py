@@ -39,6 +39,8 @@ MIN_COLUMNS = 512
 # beat torch's product: 1.1-6x for 2-8 rows of SmolLM2 and NeMo shapes, 1.5-2.9x for 16 rows
 # of wide LM heads; at 32 rows about even on NeMo's widths, and behind past that.
 MAX_BATCH = 32
+# By rows shorter than MIN_COLUMNS (a small model's LM head), up to this many (1.5x at 64-128).
+MAX_BATCH_SHORT_ROWS = 128
 # The quantized kernels read the weights once per row of activations: up to this many rows
 # that beats dequantizing the weights for torch's product.
 MAX_BATCH_QUANTIZED = 8
@@ -124,6 +126,9 @@ def _library() -> ctypes.CDLL | None:
         lib.gemv_int8.restype = None
     lib.dequantize_int4.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int]
     lib.dequantize_int4.restype = None
+    lib.argmax_rows.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p]
+    lib.argmax_rows.argtypes += [ctypes.c_int]
+    lib.argmax_rows.restype = None
     pointer = ctypes.c_void_p
     lib.decode_step.argtypes = [pointer, ctypes.c_long, pointer, pointer, pointer, pointer]
     lib.decode_step.argtypes += [ctypes.c_int]
@@ -199,16 +204,33 @@ def gemv_int8(weight: torch.Tensor, row_scale: torch.Tensor, x: torch.Tensor) ->
     return _run("gemv_int8", rows, [weight, xf, row_scale], [rows, cols])
 
 
+def argmax(x: torch.Tensor) -> torch.Tensor | None:
+    """The index of the largest value of each row of x [rows, cols] (fp32, contiguous, on
+    the CPU) as numpy's argmax gives it, on the worker threads; None where the kernels are
+    unavailable."""
+    lib = _library()
+    if lib is None or x.dtype != torch.float32 or x.dim() != 2 or not x.is_contiguous():
+        return None
+    out = torch.empty(x.shape[0], dtype=torch.long)
+    lib.argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr(), _threads())
+    return out
+
+
+def fp32_rows(cols: int) -> int:
+    """How many rows of activations the kernels' fp32 products take, by rows of `cols`."""
+    return MAX_BATCH if cols >= MIN_COLUMNS else MAX_BATCH_SHORT_ROWS
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """F.linear(x, weight) without bias, through the GEMV kernel where it pays: one row of x
-    by rows of MIN_COLUMNS or more, or up to MAX_BATCH rows by fp32 weights of any width."""
+    by rows of MIN_COLUMNS or more, or several by fp32 weights (`fp32_rows`)."""
     rows = x.numel() // weight.shape[-1]
     if (
         x.device.type == "cpu"
         and x.dtype == weight.dtype
         and (
             (rows == 1 and weight.shape[-1] >= MIN_COLUMNS)
-            or (1 < rows <= MAX_BATCH and weight.dtype == torch.float32)
+            or (1 < rows <= fp32_rows(weight.shape[-1]) and weight.dtype == torch.float32)
         )
         and weight.numel() >= MIN_ELEMENTS
         and weight.is_contiguous()
