@@ -207,9 +207,11 @@ def gemv_int8(weight: torch.Tensor, row_scale: torch.Tensor, x: torch.Tensor) ->
 def argmax(x: torch.Tensor) -> torch.Tensor | None:
     """The index of the largest value of each row of x [rows, cols] (fp32, contiguous, on
     the CPU) as numpy's argmax gives it, on the worker threads; None where the kernels are
-    unavailable."""
+    unavailable (or rows are empty: numpy's error)."""
     lib = _library()
     if lib is None or x.dtype != torch.float32 or x.dim() != 2 or not x.is_contiguous():
+        return None
+    if x.shape[1] == 0:
         return None
     out = torch.empty(x.shape[0], dtype=torch.long)
     lib.argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr(), _threads())
