@@ -523,6 +523,7 @@ enum { TILE_BATCH = 8, STREAM_OUTPUT = 1 << 19 };
  * rows by a wide matrix is up to 6x slower than that. */
 void gemv(const void *w, const void *x, float *out, long rows, long cols, long batch, int kind,
           int threads) {
+    threads = threads < 1 ? 1 : threads;
 #if defined(__AVX512F__)
     if (kind == 1 && batch >= TILE_BATCH) {
         const long lanes = (batch + 15) / 16 * 16;
@@ -1019,6 +1020,7 @@ static void rms_norm(const float *x, const float *weight, float *out, long n, fl
  * stored where c[b] says; rot[b] (hd floats) is RoPE at pos[b]. */
 void decode_step(const decoder_t *m, long batch, const kv_layout_t *c, const long *pos,
                  const float *rot, float *x, int threads) {
+    threads = threads < 1 ? 1 : threads;
     const long dim = m->dim, hidden = m->hidden, hd = m->hd, q_size = (long)m->heads * hd;
     const long kv_size = (long)m->kv * hd;
     const long widest = hidden > q_size ? (hidden > dim ? hidden : dim) : (q_size > dim ? q_size : dim);
