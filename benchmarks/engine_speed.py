@@ -3,7 +3,8 @@
     python benchmarks/engine_speed.py [--concurrency 16,64] [--output 128] [--dtype fp32]
                                       [--repeats 3]
 
-On a random `tiny` checkpoint (the engine's overhead, not the matmuls, is what differs):
+On a random `tiny` checkpoint (dim 64, 131k vocabulary: the LM head's [n, 64] x [64, 131072]
+product is half of a decode step, and the engine's overhead most of the rest):
 - batch-1 decode tokens/s: the engine vs the plain generation loop (mistral_nemo.generate);
 - aggregate generated tokens/s with N concurrent requests (prompt lengths uniform in
   32..1024, `--output` tokens each, EOS ignored): the engine (continuous batching) vs
