@@ -135,6 +135,27 @@ def test_int8_gemv_matches_dequantized_weights(cols):
     assert (got - ref).norm() / ref.norm() < 2e-2
 
 
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_quantized_gemv_of_several_vectors_is_each_alone(scheme):
+    """Several vectors at once (each weight row read once for all) give exactly the
+    numbers of one vector at a time: each is quantized on its own."""
+    from mistral_nemo.quant import quantize_linear
+
+    kind = kernels.INT4 if scheme == "int4" else kernels.INT8
+    if not kernels.available(kind):
+        pytest.skip("no kernel for this scheme here")
+    layer = quantize_linear(torch.randn(300, 576) * 0.02, scheme, 64)
+    x = torch.randn(5, 576) * torch.tensor([1e-3, 1.0, 30.0, 1.0, 0.1])[:, None]
+    if scheme == "int4":
+        args = (layer.weight, layer.scales_zeros, 64)
+        got, alone = kernels.gemv_int4(*args, x), [kernels.gemv_int4(*args, r) for r in x]
+    else:
+        args = (layer.weight, layer.weight_scale)
+        got, alone = kernels.gemv_int8(*args, x), [kernels.gemv_int8(*args, r) for r in x]
+    assert got.shape == (5, 300)
+    assert torch.equal(got, torch.stack(alone))
+
+
 @pytest.mark.parametrize("cols", [1, 7, 16, 33, 131072])
 def test_argmax_is_numpys(cols):
     """First of equal maxima, and a NaN counts as the largest (numpy's rules), wherever in a

@@ -119,10 +119,10 @@ def _library() -> ctypes.CDLL | None:
     lib.gemv.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int] * 2
     lib.gemv.restype = None
     lib.gemv_vectorized.argtypes = [ctypes.c_int]
-    lib.gemv_int4.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
+    lib.gemv_int4.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 4 + [ctypes.c_int]
     lib.gemv_int4.restype = None
     if lib.gemv_vectorized(INT8):
-        lib.gemv_int8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 2 + [ctypes.c_int]
+        lib.gemv_int8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
         lib.gemv_int8.restype = None
     lib.dequantize_int4.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int]
     lib.dequantize_int4.restype = None
@@ -169,14 +169,17 @@ def gemv(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def gemv_int4(
     packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int, x: torch.Tensor
 ) -> torch.Tensor:
-    """Int4 weights (packed [rows, cols/2], (scale, zero) bf16 [rows, groups, 2]) @ x.
+    """Int4 weights (packed [rows, cols/2], (scale, zero) bf16 [rows, groups, 2]) @ x [cols]
+    (-> [rows]) or x [batch, cols] (-> [batch, rows], each weight row read once for all).
 
     On VNNI machines, x is quantized to int8 per group for the products
     (as llama.cpp does on CPUs); otherwise the products are in bf16.
     """
     rows, cols = packed.shape[0], packed.shape[1] * 2
     xf = x.float().contiguous()
-    return _run("gemv_int4", rows, [packed, xf, scales_zeros], [rows, cols, group_size])
+    batch = xf.numel() // cols
+    sizes = [rows, cols, group_size, batch]
+    return _run("gemv_int4", rows, [packed, xf, scales_zeros], sizes, batch)
 
 
 def dequantize_int4(
@@ -197,11 +200,12 @@ def dequantize_int4(
 
 
 def gemv_int8(weight: torch.Tensor, row_scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Int8 weights [rows, cols] times fp32 row scales @ x, with x quantized to int8 per
-    group of 128 columns for the VNNI products."""
+    """Int8 weights [rows, cols] times fp32 row scales @ x ([cols] or [batch, cols], as in
+    `gemv_int4`), with x quantized to int8 per group of 128 columns for the VNNI products."""
     rows, cols = weight.shape
     xf = x.float().contiguous()
-    return _run("gemv_int8", rows, [weight, xf, row_scale], [rows, cols])
+    batch = xf.numel() // cols
+    return _run("gemv_int8", rows, [weight, xf, row_scale], [rows, cols, batch], batch)
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor | None:

@@ -24,14 +24,15 @@ typedef struct {
                           5: int4 dequantized into out [rows, cols] */
     long next;         /* next unclaimed row, taken `chunk` rows at a time by all threads */
     const uint16_t *sz; /* int4: [rows, groups, 2] bf16 (scale, zero) */
-    const float *xsum;  /* int4: sum of x per group */
+    const float *xsum;  /* int4, per vector: sum of x per group, then (VNNI) the scale of xq
+                           per group, then 8 * scale * sum(xq) per group */
     long group;
-    const int8_t *xq;   /* int4, group 128: x quantized per group, even then odd columns;
-                           int8: x quantized per group of 128, in order */
-    const float *xs;    /* its scale per group */
+    const int8_t *xq;   /* per vector: int4 (VNNI): x quantized per group, even then odd
+                           columns; int8: x quantized per group of 128, in order */
+    const float *xs;    /* int8, per vector: xq's scale per group, then 128 * the sum over
+                           groups of scale * sum(xq) */
     const float *row_scale; /* int8: per output row */
-    float shift;        /* int8: 128 * sum over groups of xs * sum(xq) */
-    long batch;         /* kinds 0-2: x holds `batch` vectors, out [batch, rows] */
+    long batch;         /* x holds `batch` vectors (kinds 0-4), out [batch, rows] */
     void (*each)(const void *ctx, long row); /* any other job: called for each row */
     const void *ctx;
     long chunk;         /* rows per claim (0: CHUNK) */
@@ -315,10 +316,16 @@ static void *run(void *arg) {
                 for (long b = 0; b < j->batch; b++)
                     j->out[b * j->rows + r] = dot_float(j->kind, j->w, j->x, r, b, j->cols);
 #if defined(__AVX512VNNI__)
-            else if (j->kind == 4)
-                j->out[r] = j->row_scale[r] *
-                    (dot_int8_vnni((const int8_t *)j->w + r * j->cols, j->xq, j->xs, j->cols) -
-                     j->shift);
+            else if (j->kind == 4) {
+                const long groups = (j->cols + 127) / 128;
+                for (long b = 0; b < j->batch; b++) {
+                    const float *xs = j->xs + b * (groups + 1);
+                    j->out[b * j->rows + r] =
+                        j->row_scale[r] * (dot_int8_vnni((const int8_t *)j->w + r * j->cols,
+                                                         j->xq + b * j->cols, xs, j->cols) -
+                                           xs[groups]);
+                }
+            }
 #endif
             else if (j->kind == 5)
                 dequantize_int4_row((const uint8_t *)j->w + r * (j->cols / 2),
@@ -326,15 +333,21 @@ static void *run(void *arg) {
                                     j->cols, j->group);
             else {
                 const uint8_t *w = (const uint8_t *)j->w + r * (j->cols / 2);
-                const uint16_t *sz = j->sz + r * (j->cols / j->group) * 2;
+                const long groups = j->cols / j->group;
+                const uint16_t *sz = j->sz + r * groups * 2;
+                for (long b = 0; b < j->batch; b++) {
+                    const float *xsum = j->xsum + b * 3 * groups;
+                    float *out = j->out + b * j->rows + r;
 #if defined(__AVX512VNNI__)
-                if (j->xq != NULL) {
-                    j->out[r] = dot_int4_vnni(w, j->xq, j->xs, j->xs + j->cols / j->group, sz,
-                                              j->xsum, j->cols, j->group);
-                    continue;
-                }
+                    if (j->xq != NULL) {
+                        *out = dot_int4_vnni(w, j->xq + b * j->cols, xsum + groups,
+                                             xsum + 2 * groups, sz, xsum, j->cols, j->group);
+                        continue;
+                    }
 #endif
-                j->out[r] = dot_int4(w, j->x, sz, j->xsum, j->cols, j->group);
+                    *out = dot_int4(w, (const uint16_t *)j->x + b * j->cols, sz, xsum, j->cols,
+                                    j->group);
+                }
             }
         }
     }
@@ -544,14 +557,14 @@ void gemv(const void *w, const void *x, float *out, long rows, long cols, long b
         return;
     }
 #endif
-    job_t job = {w, x, out, rows, cols, kind, 0, NULL, NULL, 1, NULL, NULL, NULL, 0.f, batch};
+    job_t job = {w, x, out, rows, cols, kind, 0, NULL, NULL, 1, NULL, NULL, NULL, batch};
     run_threads(&job, threads);
 }
 
 /* out [rows, cols] = the int4 weights in fp32 (as Int4Linear stores them). */
 void dequantize_int4(const uint8_t *w, const uint16_t *sz, float *out, long rows, long cols,
                      long group, int threads) {
-    job_t job = {w, NULL, out, rows, cols, 5, 0, sz, NULL, group, NULL, NULL, NULL, 0.f};
+    job_t job = {w, NULL, out, rows, cols, 5, 0, sz, NULL, group, NULL, NULL, NULL, 1};
     run_threads(&job, threads);
 }
 
@@ -623,41 +636,49 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even */
     return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
 }
 
-/* out = int4 weights @ x (fp32). Sums x per group first and, on VNNI machines, quantizes
- * x to int8 per group (even columns, then odd ones); elsewhere x goes to bf16. */
+/* out [batch, rows] = int4 weights @ x [batch, cols]: each weight row is read once for all
+ * the vectors (it stays in L1 for the others). On VNNI machines x is quantized to int8 per
+ * group (as llama.cpp does); otherwise the products are in bf16. */
 void gemv_int4(const uint8_t *w, const float *x, const uint16_t *sz, float *out, long rows,
-               long cols, long group, int threads) {
-    long groups = cols / group;
-    float *xsum = malloc(sizeof(float) * 3 * groups);
-    float *xs = xsum + groups; /* then 8 xs sum(xq) per group */
+               long cols, long group, long batch, int threads) {
+    const long groups = cols / group;
+    float *xsum = malloc(sizeof(float) * 3 * groups * batch);
     int8_t *xq = NULL;
     uint16_t *xb = NULL;
-    for (long g = 0; g < groups; g++) {
-        float sum = 0.f, amax = 0.f;
-        for (long c = g * group; c < (g + 1) * group; c++) {
-            sum += x[c];
-            amax = fabsf(x[c]) > amax ? fabsf(x[c]) : amax;
-        }
-        xsum[g] = sum;
-        xs[g] = amax > 0.f ? amax / 127.f : 1.f;
-    }
 #if defined(__AVX512VNNI__)
-    xq = malloc(cols);
-    for (long g = 0; g < groups; g++) {
-        float inv = 1.f / xs[g], sum = 0.f;
-        for (long c = g * group; c < (g + 1) * group; c++) {
-            float v = nearbyintf(x[c] * inv);
-            v = v > 127.f ? 127.f : v < -127.f ? -127.f : v;
-            xq[(c & 1) * (cols / 2) + c / 2] = (int8_t)v;
-            sum += v;
-        }
-        xs[groups + g] = 8.f * xs[g] * sum;
-    }
+    xq = malloc(cols * batch);
 #else
-    xb = malloc(sizeof(uint16_t) * cols);
-    for (long c = 0; c < cols; c++) xb[c] = f32_to_bf16(x[c]);
+    xb = malloc(sizeof(uint16_t) * cols * batch);
 #endif
-    job_t job = {w, xb, out, rows, cols, 3, 0, sz, xsum, group, xq, xs, NULL, 0.f};
+    for (long b = 0; b < batch; b++) {
+        const float *xv = x + b * cols;
+        float *sums = xsum + b * 3 * groups, *xs = sums + groups; /* then 8 xs sum(xq) */
+        for (long g = 0; g < groups; g++) {
+            float sum = 0.f, amax = 0.f;
+            for (long c = g * group; c < (g + 1) * group; c++) {
+                sum += xv[c];
+                amax = fabsf(xv[c]) > amax ? fabsf(xv[c]) : amax;
+            }
+            sums[g] = sum;
+            xs[g] = amax > 0.f ? amax / 127.f : 1.f;
+        }
+#if defined(__AVX512VNNI__)
+        int8_t *q = xq + b * cols;
+        for (long g = 0; g < groups; g++) {
+            float inv = 1.f / xs[g], sum = 0.f;
+            for (long c = g * group; c < (g + 1) * group; c++) {
+                float v = nearbyintf(xv[c] * inv);
+                v = v > 127.f ? 127.f : v < -127.f ? -127.f : v;
+                q[(c & 1) * (cols / 2) + c / 2] = (int8_t)v;
+                sum += v;
+            }
+            xs[groups + g] = 8.f * xs[g] * sum;
+        }
+#else
+        for (long c = 0; c < cols; c++) xb[b * cols + c] = f32_to_bf16(xv[c]);
+#endif
+    }
+    job_t job = {w, xb, out, rows, cols, 3, 0, sz, xsum, group, xq, NULL, NULL, batch};
     run_threads(&job, threads);
     free(xb);
     free(xq);
@@ -665,32 +686,38 @@ void gemv_int4(const uint8_t *w, const float *x, const uint16_t *sz, float *out,
 }
 
 #if defined(__AVX512VNNI__)
-/* out = row_scale * (int8 weights @ x (fp32)): x is quantized to int8 per group of 128
- * columns (about 0.4% error, as llama.cpp's CPU dot products do). */
+/* out [batch, rows] = row_scale * (int8 weights @ x [batch, cols] (fp32)): x is quantized to
+ * int8 per group of 128 columns (about 0.4% error, as llama.cpp's CPU dot products do); each
+ * weight row is read once for all the vectors. */
 void gemv_int8(const int8_t *w, const float *x, const float *row_scale, float *out,
-               long rows, long cols, int threads) {
-    long groups = (cols + 127) / 128;
-    float *xs = malloc(sizeof(float) * groups);
-    int8_t *xq = malloc(cols);
-    float shift = 0.f;
-    for (long g = 0; g < groups; g++) {
-        long end = (g + 1) * 128 < cols ? (g + 1) * 128 : cols;
-        float amax = 0.f;
-        for (long c = g * 128; c < end; c++)
-            amax = fabsf(x[c]) > amax ? fabsf(x[c]) : amax;
-        xs[g] = amax > 0.f ? amax / 127.f : 1.f;
-        long sum = 0;
-        for (long c = g * 128; c < end; c++) {
-            float v = nearbyintf(x[c] / xs[g]);
-            xq[c] = (int8_t)(v > 127.f ? 127.f : v < -127.f ? -127.f : v);
-            sum += xq[c];
+               long rows, long cols, long batch, int threads) {
+    const long groups = (cols + 127) / 128;
+    float *xs_all = malloc(sizeof(float) * (groups + 1) * batch);
+    int8_t *xq = malloc(cols * batch);
+    for (long b = 0; b < batch; b++) {
+        const float *xv = x + b * cols;
+        float *xs = xs_all + b * (groups + 1), shift = 0.f;
+        int8_t *q = xq + b * cols;
+        for (long g = 0; g < groups; g++) {
+            long end = (g + 1) * 128 < cols ? (g + 1) * 128 : cols;
+            float amax = 0.f;
+            for (long c = g * 128; c < end; c++)
+                amax = fabsf(xv[c]) > amax ? fabsf(xv[c]) : amax;
+            xs[g] = amax > 0.f ? amax / 127.f : 1.f;
+            long sum = 0;
+            for (long c = g * 128; c < end; c++) {
+                float v = nearbyintf(xv[c] / xs[g]);
+                q[c] = (int8_t)(v > 127.f ? 127.f : v < -127.f ? -127.f : v);
+                sum += q[c];
+            }
+            shift += 128.f * xs[g] * (float)sum;
         }
-        shift += 128.f * xs[g] * (float)sum;
+        xs[groups] = shift;
     }
-    job_t job = {w, x, out, rows, cols, 4, 0, NULL, NULL, 128, xq, xs, row_scale, shift};
+    job_t job = {w, x, out, rows, cols, 4, 0, NULL, NULL, 128, xq, xs_all, row_scale, batch};
     run_threads(&job, threads);
     free(xq);
-    free(xs);
+    free(xs_all);
 }
 #endif
 
@@ -929,22 +956,20 @@ typedef struct {
 
 /* out [batch, rows] = x [batch, cols] @ W^T for x in fp32, as the layer's own Python
  * forward computes it; `xb` has room for batch * cols bf16 values (bf16 and fp8 weights take
- * x in bf16). The int kernels quantize each row of x on its own, so they go row by row. */
+ * x in bf16; the int kernels quantize each row of x on its own). */
 static void linear(const linear_t *l, const float *x, float *out, long batch, uint16_t *xb,
                    int threads) {
     const long rows = l->rows, cols = l->cols;
-    if (l->kind == KIND_INT4 || l->kind == KIND_INT8) {
-        for (long b = 0; b < batch; b++) {
-            if (l->kind == KIND_INT4)
-                gemv_int4(l->w, x + b * cols, l->scale, out + b * rows, rows, cols, l->group,
-                          threads);
-#if defined(__AVX512VNNI__)
-            else
-                gemv_int8(l->w, x + b * cols, l->scale, out + b * rows, rows, cols, threads);
-#endif
-        }
+    if (l->kind == KIND_INT4) {
+        gemv_int4(l->w, x, l->scale, out, rows, cols, l->group, batch, threads);
         return;
     }
+#if defined(__AVX512VNNI__)
+    if (l->kind == KIND_INT8) {
+        gemv_int8(l->w, x, l->scale, out, rows, cols, batch, threads);
+        return;
+    }
+#endif
     if (l->kind == KIND_FP32) {
         gemv(l->w, x, out, rows, cols, batch, KIND_FP32, threads);
         return;

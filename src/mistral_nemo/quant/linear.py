@@ -171,7 +171,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (rows := _few_rows(x, self.in_features)) is not None and kernels.available(kernels.INT8):
-            out = torch.stack([kernels.gemv_int8(self.weight, self.weight_scale, r) for r in rows])
+            out = kernels.gemv_int8(self.weight, self.weight_scale, rows)
             return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
         x2 = x.reshape(-1, self.in_features)
         if x.device.type == "cpu" and x.dtype == torch.bfloat16:
@@ -210,8 +210,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (rows := _few_rows(x, self.in_features)) is not None and kernels.available(kernels.INT4):
-            w, sz, group = self.weight, self.scales_zeros, self.group_size
-            out = torch.stack([kernels.gemv_int4(w, sz, group, r) for r in rows])
+            out = kernels.gemv_int4(self.weight, self.scales_zeros, self.group_size, rows)
             return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return tiled_linear(x, self.out_features, self._dequantize)
 
