@@ -139,13 +139,12 @@ MANY = (5, 17, 400, 3, 1, 33, 64, 130, 2, 77, 250, 9)
 )
 def test_a_batch_of_sequences_decodes_as_each_alone(checkpoint, scheme, lengths):
     """Sequences of different lengths (one long enough for threaded attention) in one paged
-    pool, decoded together in C: up to 8 of them with quantized weights (12 take the
-    modules); with fp32 ones, up to kernels.MAX_BATCH per call (products in tiles, and the
-    attention of all sequences one list of jobs), more in several calls."""
+    pool, decoded together in C: up to kernels.MAX_BATCH per call (fp32 products in tiles,
+    quantized ones reading each weight row once for all; the attention of all sequences one
+    list of jobs), more in several calls."""
     model = load(checkpoint, scheme)
     decoder = model.kernel_decoder()
     assert decoder is not None
-    assert decoder.max_batch == (kernels.MAX_BATCH if scheme == "fp32" else 8)
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in lengths]
     sizes = [-(-(n + STEPS) // 4) for n in lengths]
@@ -172,8 +171,14 @@ def test_a_batch_of_sequences_decodes_as_each_alone(checkpoint, scheme, lengths)
         return torch.stack(out)
 
     fast, slow = run(through_c=True), run(through_c=False)
-    tolerance = 1e-5 if scheme == "fp32" else 1e-2
-    assert (fast - slow).abs().max() < tolerance * slow.abs().max()
+    if scheme == "fp32":
+        assert (fast - slow).abs().max() < 1e-5 * slow.abs().max()
+    else:
+        # Activations are rounded to int8 (bf16 for fp8) for the products: a last-bit
+        # difference upstream (C attention against torch's) may flip one rounding, which
+        # moves that sequence's logits by up to ~2% from then on. Most agree to rounding.
+        error = (fast - slow).norm(dim=-1) / slow.norm(dim=-1)  # [step, sequence]
+        assert error.median() < 1e-4 and error.max() < 5e-2
 
 
 def test_a_batch_in_the_contiguous_cache(checkpoint):
@@ -269,6 +274,6 @@ def test_which_decode_steps_the_kernels_take(checkpoint):
     assert not model.kernels_take(kernels.MAX_BATCH_SHORT_ROWS + 1)  # the head: torch's
     quantized = load(checkpoint, "int8")
     assert quantized.kernels_take(kernels.MAX_BATCH_QUANTIZED)
-    assert not quantized.kernels_take(kernels.MAX_BATCH_QUANTIZED + 1)
+    assert not quantized.kernels_take(kernels.MAX_BATCH_QUANTIZED + 1)  # its quantized head
     model.to(torch.bfloat16)
     assert not model.kernels_take(2)

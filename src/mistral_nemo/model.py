@@ -356,7 +356,7 @@ class Transformer(nn.Module):
         if tokens.shape[1] == 1 and cache is not None and not torch.is_grad_enabled():
             layouts = cache.decode_layouts(start)
             decoder = self.kernel_decoder() if layouts else None
-            if decoder is not None and layouts and decoder.takes(len(layouts)):
+            if decoder is not None and layouts:
                 return decoder(x, layouts).view(len(layouts), 1, -1).type_as(x)
         if cache is not None:
             freqs = cache.rope(start, tokens.shape[1])
@@ -371,9 +371,9 @@ class Transformer(nn.Module):
     def kernels_take(self, rows: int) -> bool:
         """Whether the CPU kernels do the products of a decode step of `rows` sequences (so
         torch should keep to one thread, see kernels.one_token_steps): one sequence of a
-        model wide enough for them; several when the C decode step takes that many (fp32 or
-        quantized weights; bf16 products of several rows are torch's) and the kernels the
-        LM head's product."""
+        model wide enough for them; several when the C decode step takes the model (fp32
+        or quantized weights; bf16 products of several rows are torch's) and the kernels
+        the LM head's product of that many rows."""
         if rows == 0 or self.device.type != "cpu":
             return False
         if rows == 1:
@@ -386,7 +386,7 @@ class Transformer(nn.Module):
             head_rows = kernels.fp32_rows(self.config.dim)
         else:
             head_rows = 1
-        return decoder is not None and decoder.takes(rows) and rows <= head_rows
+        return decoder is not None and rows <= head_rows
 
     def kernel_decoder(self) -> Decoder | None:
         """All layers of a decode step (a new token of each of up to `max_batch`

@@ -41,9 +41,11 @@ MIN_COLUMNS = 512
 MAX_BATCH = 32
 # By rows shorter than MIN_COLUMNS (a small model's LM head), up to this many (1.5x at 64-128).
 MAX_BATCH_SHORT_ROWS = 128
-# The quantized kernels read the weights once per row of activations: up to this many rows
-# that beats dequantizing the weights for torch's product.
-MAX_BATCH_QUANTIZED = 8
+# Rows of activations up to which the quantized kernels (each weight row read once for all
+# of them) beat dequantizing the weights for torch's product: measured 1.2-2.5x for 8-32 rows
+# of SmolLM2 shapes, 8-25x of NeMo's (whose dequantized fp32 tiles alone cost ~180 ms for a
+# 14336 x 5120 layer); about even at 64 rows of SmolLM2's.
+MAX_BATCH_QUANTIZED = 32
 
 
 _kernel_threads: int | None = None  # set while torch is kept to one thread (see below)

@@ -175,16 +175,15 @@ class Decoder:
         self._decoder = _Decoder(len(layers), dim, hidden, heads, kv, head_dim, eps, layers_pointer)
         self._decoder.norm = self._pointer(norm)
         self.dim = dim
-        # How many sequences one call takes while it beats torch's products: fp32 weights
-        # are read once for all of them, the others once per sequence. Past that, fp32 steps
-        # go in calls of max_batch (at par with torch's products, and no gathering of the
-        # cache); quantized ones are torch's (dequantizing once is cheaper).
-        self.fp32 = all(
+        # How many sequences one call takes while its products beat torch's; more go in
+        # calls of max_batch (at par with torch's products or better, and no gathering of the
+        # cache).
+        fp32 = all(
             x.weight.dtype == torch.float32
             for spec in layers
             for x in (*spec.qkv, spec.wo, *spec.gate_up, spec.w2)
         )
-        self.max_batch = MAX_BATCH if self.fp32 else MAX_BATCH_QUANTIZED
+        self.max_batch = MAX_BATCH if fp32 else MAX_BATCH_QUANTIZED
 
     @staticmethod
     def supports(
@@ -227,13 +226,11 @@ class Decoder:
         scales = 0 if spec.scale is None else spec.scale.numel()
         return _Linear(spec.kind, rows, cols, spec.group, self._pointer(spec.weight), scale, scales)
 
-    def takes(self, batch: int) -> bool:
-        return 0 < batch <= self.max_batch or self.fp32
 
     def __call__(self, x: torch.Tensor, caches: Sequence[KVLayout]) -> torch.Tensor:
         """x: the new token's embedding of each sequence ([batch, 1, dim] or [batch, dim]);
         returns the final norm's output [batch, dim] in fp32 and stores each sequence's keys
-        and values at its `pos`. For a batch that `takes` accepts."""
+        and values at its `pos`."""
         batch, most = len(caches), self.max_batch
         if batch > most:
             parts = range(0, batch, most)
