@@ -226,7 +226,6 @@ class Decoder:
         scales = 0 if spec.scale is None else spec.scale.numel()
         return _Linear(spec.kind, rows, cols, spec.group, self._pointer(spec.weight), scale, scales)
 
-
     def __call__(self, x: torch.Tensor, caches: Sequence[KVLayout]) -> torch.Tensor:
         """x: the new token's embedding of each sequence ([batch, 1, dim] or [batch, dim]);
         returns the final norm's output [batch, dim] in fp32 and stores each sequence's keys
