@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mistral_nemo import CheckpointError, ConfigError, Transformer
+from mistral_nemo import CheckpointError, ConfigError, Transformer, kernels
 from mistral_nemo.checkpoint import convert_checkpoint, quantize_checkpoint
 from mistral_nemo.cli import main
 from mistral_nemo.engine import LLM, SamplingParams
@@ -71,8 +71,22 @@ def test_fp8_single_token_kernel_equals_tiled_path():
     x = torch.randn(1, 1024).bfloat16()
     with torch.inference_mode():
         one = layer(x)  # GEMV kernel (when available)
-        tiled = layer(torch.cat([x, x]))[:1]  # dequantized tile by tile
+        # past the kernels' rows: dequantized tile by tile
+        tiled = layer(x.expand(kernels.MAX_BATCH_QUANTIZED + 1, -1))[:1]
     assert torch.allclose(one.float(), tiled.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("scheme", ["fp8", "int8", "int4"])
+def test_gradients_reach_the_inputs_of_quantized_layers(scheme):
+    """A few rows that need a gradient take the dequantized path (the kernels keep none):
+    what adapters in front of a frozen quantized layer train through."""
+    w = weight()
+    layer = quantize_linear(w, scheme, group_size=64)
+    x = torch.randn(3, 640, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None
+    expected = layer._dequantize(0, 384).sum(0)  # d(sum(x W^T)) / dx for each row
+    assert torch.allclose(x.grad, expected.expand(3, -1), atol=1e-4)
 
 
 @pytest.mark.parametrize("per_channel", [False, True])

@@ -80,9 +80,12 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
 def _few_rows(x: torch.Tensor, in_features: int) -> torch.Tensor | None:
     """x as [rows, in_features] where the CPU kernels take it (up to
     kernels.MAX_BATCH_QUANTIZED rows: beyond, dequantizing the weights for torch's matmul is
-    cheaper); otherwise None."""
+    cheaper; and not when a gradient must flow back to x, which the kernels do not keep);
+    otherwise None."""
     limit = kernels.MAX_BATCH_QUANTIZED * in_features
     if x.device.type != "cpu" or not 0 < x.numel() <= limit:
+        return None
+    if torch.is_grad_enabled() and x.requires_grad:
         return None
     return x.reshape(-1, in_features)
 
