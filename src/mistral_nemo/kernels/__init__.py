@@ -1,12 +1,13 @@
-"""CPU kernels for batch-1 decoding, compiled on first use.
+"""CPU kernels for decoding, compiled on first use.
 
 `linear(x, weight)` is `F.linear` except when one token's activations meet a large bf16 or
-fp32 weight on the CPU outside autograd: then gemv.c streams the weight at memory speed
-(torch's bf16 path reaches about two thirds of it). The quantized layers call `gemv_int4`,
-`gemv_int8` and `gemv` (fp8) for one token, and `decoder.Decoder` runs a whole fp32 decode
-step in one call. The C file is built with the system C compiler and -march=native into a
-per-user cache; without a compiler, without AVX-512, or with MISTRAL_NEMO_CPU_KERNELS=0,
-everything goes through torch.
+fp32 weight on the CPU outside autograd (gemv.c streams the weight at memory speed; torch's
+bf16 path reaches about two thirds of it), or a few dozen rows meet an fp32 weight (read
+once for all of them). The quantized layers call `gemv_int4`, `gemv_int8` and `gemv` (fp8)
+for up to MAX_BATCH_QUANTIZED rows, and `decoder.Decoder` runs a whole fp32 decode step of
+several sequences in one call. The C file is built with the system C compiler and
+-march=native into a per-user cache; without a compiler, without AVX-512, or with
+MISTRAL_NEMO_CPU_KERNELS=0, everything goes through torch.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""A decode step of a few sequences through every layer in one C call (`decode_step` in
-gemv.c).
+"""A decode step of several sequences through every layer in one C call per MAX_BATCH of
+them (`decode_step` in gemv.c).
 
 The model describes its layers once (`LayerSpec`, `LinearSpec`), the cache says where each
 sequence's keys and values are (`KVLayout`), and `Decoder` runs the step in fp32: RMSNorms,
