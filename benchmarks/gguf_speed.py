@@ -23,6 +23,7 @@ from common import best_time, decode_rate, read_bandwidth_gbs, save, table
 from mistral_nemo import Transformer
 from mistral_nemo.demo import demo_model_path
 from mistral_nemo.generate import generate
+from mistral_nemo.runtime import ModelRunner
 
 FORMATS = {
     "fp32": {"dtype": torch.float32},
@@ -35,19 +36,19 @@ FORMATS = {
 
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes one decode step reads: every weight but the embedding table (a row of it; a
-    tied LM head is `output.weight` too). Fused q/k/v and gate/up layers are views of the
-    separate ones: counted once."""
-    skip = (".wqkv.", ".w13.", "tok_embeddings")
+    tied LM head is `output.weight` too)."""
+    skip = ("tok_embeddings",)
     return sum(t.nbytes for n, t in model.state_dict().items() if not any(k in n for k in skip))
 
 
 def ours(path, fmt: str, prompt: list[int], decode_prompt: list[int]):
     model = Transformer.from_pretrained(path, **FORMATS[fmt])
+    runner = ModelRunner(model)
     tokens = torch.tensor([prompt])
 
     def prefill() -> None:
         with torch.inference_mode():
-            model(tokens, 0, model.new_cache(1, len(prompt)), last_only=True)
+            runner.logits(tokens, 0, model.new_cache(1, len(prompt)), last_only=True)
 
     def decode() -> float:
         return decode_rate(generate(model, decode_prompt, 129, temperature=0, stop_ids=[]), 128)

@@ -23,6 +23,7 @@ from transformers import MistralForCausalLM
 from mistral_nemo import ModelConfig, Transformer
 from mistral_nemo.checkpoint.random_init import init_random
 from mistral_nemo.generate import generate
+from mistral_nemo.runtime import ModelRunner
 
 CONFIGS = {
     "tiny": ModelConfig.preset("tiny"),
@@ -34,11 +35,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def ours_runner(path: Path, prompt: torch.Tensor):
     model = Transformer.from_pretrained(path)
+    runner = ModelRunner(model)
     ids = prompt[0].tolist()
 
     def prefill() -> None:
         with torch.inference_mode():
-            model(prompt, 0, model.new_cache(1, prompt.shape[1]), last_only=True)
+            runner.logits(prompt, 0, model.new_cache(1, prompt.shape[1]), last_only=True)
 
     def gen(n: int) -> None:
         list(generate(model, ids, max_tokens=n, temperature=0, stop_ids=[]))

@@ -10,8 +10,10 @@ import torch
 
 from mistral_nemo import ModelConfig, Transformer, kernels
 from mistral_nemo.checkpoint.random_init import init_random
-from mistral_nemo.engine.paged import PagedKVCache
-from mistral_nemo.model import Linear
+from mistral_nemo.runtime import ModelRunner
+from mistral_nemo.runtime import decode_step as decode_step_module
+from mistral_nemo.runtime.decode_step import kv_layouts
+from mistral_nemo.runtime.paged import PagedKVCache
 
 # head_dim != dim / heads and GQA, as NeMo; widths that every int4 group size divides.
 CONFIG = ModelConfig(
@@ -50,8 +52,9 @@ def load(checkpoint, scheme):
 def decode_logits(
     model, cache_factory, through_c: bool, fed: list | None = None, prompt: list = PROMPT
 ) -> torch.Tensor:
-    """Logits of STEPS greedy decode steps after `prompt`, each step through the C decoder or
-    through the modules (autograd on takes the module path); the tokens fed go to `fed`."""
+    """Logits of STEPS greedy decode steps after `prompt`, each step through the C decoder (the
+    runner) or through the modules (the plain model); the tokens fed go to `fed`."""
+    runner = ModelRunner(model)
     cache = cache_factory(model, len(prompt) + STEPS)
     with torch.inference_mode():
         logits = model(torch.tensor([prompt]), 0, cache.prefill(len(prompt)), last_only=True)
@@ -61,8 +64,9 @@ def decode_logits(
         if fed is not None:
             fed.append(int(token))
         pos = len(prompt) + step
-        with torch.inference_mode() if through_c else torch.enable_grad():
-            logits = model(token, pos, cache.decode(pos)).detach()
+        with torch.inference_mode():
+            forward = runner.logits if through_c else model
+            logits = forward(token, pos, cache.decode(pos))
         out.append(logits[0, -1])
     return torch.stack(out)
 
@@ -102,7 +106,7 @@ def test_decode_step_matches_the_modules(checkpoint, scheme, cache):
     ):
         pytest.skip("no kernel for this scheme here")
     model = load(checkpoint, scheme)
-    assert model.kernel_decoder() is not None
+    assert ModelRunner(model).decode_step.decoder() is not None
     fast = decode_logits(model, cache, through_c=True)
     slow = decode_logits(model, cache, through_c=False)
     # fp32 agrees to rounding. The quantized kernels round activations to int8 (bf16 for
@@ -143,8 +147,8 @@ def test_a_batch_of_sequences_decodes_as_each_alone(checkpoint, scheme, lengths)
     quantized ones reading each weight row once for all; the attention of all sequences one
     list of jobs), more in several calls."""
     model = load(checkpoint, scheme)
-    decoder = model.kernel_decoder()
-    assert decoder is not None
+    runner = ModelRunner(model)
+    assert runner.decode_step.decoder() is not None
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in lengths]
     sizes = [-(-(n + STEPS) // 4) for n in lengths]
@@ -163,9 +167,10 @@ def test_a_batch_of_sequences_decodes_as_each_alone(checkpoint, scheme, lengths)
         out = []
         for i in range(STEPS):
             step = cache.step(tables, [len(p) + i for p in prompts], 1)
-            assert len(step.decode_layouts(0)) == len(prompts)
-            with torch.inference_mode() if through_c else torch.enable_grad():
-                logits = model(torch.tensor(tokens)[:, None], cache=step).detach()[:, -1]
+            assert len(kv_layouts(step, 0)) == len(prompts)
+            with torch.inference_mode():
+                forward = runner.logits if through_c else model
+                logits = forward(torch.tensor(tokens)[:, None], cache=step)[:, -1]
             tokens = logits.argmax(-1).tolist()
             out.append(logits)
         return torch.stack(out)
@@ -183,6 +188,7 @@ def test_a_batch_of_sequences_decodes_as_each_alone(checkpoint, scheme, lengths)
 
 def test_a_batch_in_the_contiguous_cache(checkpoint):
     model = load(checkpoint, "fp32")
+    runner = ModelRunner(model)
     prompts = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(4))
 
     def run(through_c: bool) -> torch.Tensor:
@@ -192,9 +198,9 @@ def test_a_batch_in_the_contiguous_cache(checkpoint):
         out = []
         for i in range(STEPS):
             tokens = logits[:, -1].argmax(-1)[:, None]
-            assert len(cache.decode_layouts(9 + i)) == 2
-            with torch.inference_mode() if through_c else torch.enable_grad():
-                logits = model(tokens, 9 + i, cache).detach()
+            assert len(kv_layouts(cache, 9 + i)) == 2
+            with torch.inference_mode():
+                logits = (runner.logits if through_c else model)(tokens, 9 + i, cache)
             out.append(logits[:, -1])
         return torch.stack(out)
 
@@ -211,34 +217,32 @@ def test_fp32_decode_matches_a_full_forward(checkpoint):
     assert (fast - full).abs().max() < 1e-5 * full.abs().max()
 
 
-def test_separate_projections_after_fused_ones(checkpoint):
-    """Un-fusing the layers is seen (the decoder is rebuilt) and gives the same numbers."""
+def test_separate_projections_and_fused_ones(checkpoint, monkeypatch):
+    """The quantized q/k/v and gate/up products of a narrow model, stacked into one each for
+    the C step, give the numbers of the separate layers."""
     model = load(checkpoint, "int8")
-    assert model.layers[0].attention.wqkv is not None
+    assert len(decode_step_module._layer_spec(model.layers[0], fuse=True).qkv) == 1
     fused = decode_logits(model, Contiguous, through_c=True)
-    first = model.kernel_decoder()
-    for block in model.layers:
-        block.attention.wqkv = None
-        block.feed_forward.w13 = None
-    assert model.kernel_decoder() is not first
+    monkeypatch.setattr(decode_step_module, "FUSE_MAX_ELEMENTS", 0)
     separate = decode_logits(model, Contiguous, through_c=True)
     assert (fused - separate).abs().max() < 1e-4 * fused.abs().max()
 
 
 def test_replaced_weights_and_unknown_layers_are_seen(checkpoint):
     model = load(checkpoint, "fp32")
+    runner = ModelRunner(model)
     before = decode_logits(model, Contiguous, through_c=True)
-    first = model.kernel_decoder()
-    assert first is model.kernel_decoder()  # cached while nothing changed
+    first = runner.decode_step.decoder()
+    assert first is runner.decode_step.decoder()  # cached while nothing changed
     wo = model.layers[1].attention.wo
     wo.weight = torch.nn.Parameter(wo.weight.detach() * 2)
-    assert model.kernel_decoder() is not first
+    assert runner.decode_step.decoder() is not first
     doubled = decode_logits(model, Contiguous, through_c=True)
     assert not torch.allclose(doubled, before)
     assert torch.allclose(doubled, decode_logits(model, Contiguous, through_c=False), atol=1e-4)
 
     class Scaled(torch.nn.Module):  # a layer type the kernels do not know: the module path
-        def __init__(self, inner: Linear) -> None:
+        def __init__(self, inner: torch.nn.Linear) -> None:
             super().__init__()
             self.inner = inner
 
@@ -247,7 +251,7 @@ def test_replaced_weights_and_unknown_layers_are_seen(checkpoint):
 
     wo_layer = model.layers[1].attention.wo
     model.layers[1].attention.wo = Scaled(wo_layer)
-    assert model.kernel_decoder() is None
+    assert runner.decode_step.decoder() is None
     assert torch.allclose(
         decode_logits(model, Contiguous, through_c=True),
         decode_logits(model, Contiguous, through_c=False),
@@ -257,23 +261,25 @@ def test_replaced_weights_and_unknown_layers_are_seen(checkpoint):
 
 def test_bf16_models_and_copies(checkpoint):
     model = load(checkpoint, "fp32")
-    model.kernel_decoder()
+    runner = ModelRunner(model)
+    first = runner.decode_step.decoder()
     clone = copy.deepcopy(model)
-    assert clone._built.pins is None and clone.kernel_decoder() is not None
-    assert pickle.loads(pickle.dumps(model))._built.pins is None
+    assert ModelRunner(clone).decode_step.decoder() not in (None, first)
+    assert ModelRunner(pickle.loads(pickle.dumps(model))).decode_step.decoder() is not None
     model.to(torch.bfloat16)
-    assert model.kernel_decoder() is None  # bf16 activations: the torch path
+    assert runner.decode_step.decoder() is None  # bf16 activations: the torch path
 
 
 def test_which_decode_steps_the_kernels_take(checkpoint):
     """Whether the kernels do a decode step of n sequences (torch then keeps to one thread):
     the C step must take n, and the kernels the LM head's product of n rows."""
     model = load(checkpoint, "fp32")
-    assert not model.kernels_take(1)  # one row by this narrow model's head: torch's product
-    assert model.kernels_take(2) and model.kernels_take(40)  # 40: C calls of 32 and 8
-    assert not model.kernels_take(kernels.MAX_BATCH_SHORT_ROWS + 1)  # the head: torch's
-    quantized = load(checkpoint, "int8")
+    runner = ModelRunner(model)
+    assert not runner.kernels_take(1)  # one row by this narrow model's head: torch's product
+    assert runner.kernels_take(2) and runner.kernels_take(40)  # 40: C calls of 32 and 8
+    assert not runner.kernels_take(kernels.MAX_BATCH_SHORT_ROWS + 1)  # the head: torch's
+    quantized = ModelRunner(load(checkpoint, "int8"))
     assert quantized.kernels_take(kernels.MAX_BATCH_QUANTIZED)
     assert not quantized.kernels_take(kernels.MAX_BATCH_QUANTIZED + 1)  # its quantized head
     model.to(torch.bfloat16)
-    assert not model.kernels_take(2)
+    assert not runner.kernels_take(2)

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from mistral_nemo import InvalidRequestError, Transformer
-from mistral_nemo.generate import generate, sample
+from mistral_nemo.generate import generate
+from mistral_nemo.sampling import sample
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 from test_tokenizer import CORPUS
+from torch.nn import Linear
 
 from mistral_nemo import CheckpointError, InvalidRequestError, Transformer
-from mistral_nemo.checkpoint import export_gguf
+from mistral_nemo.checkpoint.gguf_export import export_gguf
 from mistral_nemo.config import ModelConfig
 from mistral_nemo.demo import demo_model_path
 from mistral_nemo.generate import generate
-from mistral_nemo.model import Linear
 from mistral_nemo.tokenizer import SpecialTokenPolicy, Tokenizer, load_tokenizer
 from mistral_nemo.tokenizer.bpe import BPETokenizer
 

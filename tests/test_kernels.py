@@ -112,7 +112,7 @@ def test_disabled_by_environment(monkeypatch):
 def test_int4_gemv_matches_dequantized_weights(group, cols):
     from mistral_nemo.quant import quantize_linear
 
-    if not kernels.available(kernels.INT4):
+    if not kernels.available(kernels.WeightKind.INT4):
         pytest.skip("no int4 kernel on this machine")
     layer = quantize_linear(torch.randn(300, cols) * 0.02, "int4", group)
     x = torch.randn(cols).bfloat16()
@@ -126,7 +126,7 @@ def test_int4_gemv_matches_dequantized_weights(group, cols):
 def test_int8_gemv_matches_dequantized_weights(cols):
     from mistral_nemo.quant import quantize_linear
 
-    if not kernels.available(kernels.INT8):
+    if not kernels.available(kernels.WeightKind.INT8):
         pytest.skip("no int8 kernel on this machine")
     layer = quantize_linear(torch.randn(300, cols) * 0.02, "int8")
     x = torch.randn(cols).bfloat16()
@@ -141,7 +141,7 @@ def test_quantized_gemv_of_several_vectors_is_each_alone(scheme):
     numbers of one vector at a time: each is quantized on its own."""
     from mistral_nemo.quant import quantize_linear
 
-    kind = kernels.INT4 if scheme == "int4" else kernels.INT8
+    kind = kernels.WeightKind.INT4 if scheme == "int4" else kernels.WeightKind.INT8
     if not kernels.available(kind):
         pytest.skip("no kernel for this scheme here")
     layer = quantize_linear(torch.randn(300, 576) * 0.02, scheme, 64)
@@ -170,3 +170,61 @@ def test_argmax_is_numpys(cols):
     if got is None:
         pytest.skip("no kernels here")
     assert got.tolist() == x.numpy().argmax(-1).tolist()
+
+
+def test_weight_kinds_are_the_headers():
+    """WeightKind takes its values from kernels.h and names every kind there."""
+    from mistral_nemo.kernels.header import ffi
+
+    declared = ffi.typeof("enum weight_kind").relements
+    assert {f"KIND_{kind.name}": kind.value for kind in kernels.WeightKind} == declared
+
+
+def test_threads_follow_torch_unless_set():
+    try:
+        kernels.set_threads(3)
+        assert kernels.threads() == 3
+        kernels.set_threads(None)
+        assert kernels.threads() == torch.get_num_threads()
+        with pytest.raises(ValueError):
+            kernels.set_threads(0)
+    finally:
+        kernels.set_threads(None)
+
+
+def test_scratch_memory_that_cannot_be_had_is_a_memory_error():
+    """Eight vectors of 2^50 columns (stride-0 views: nothing is allocated for them) would
+    need 2^56 bytes of transposed activations (16 lanes of fp32 per column), more than any
+    address space holds."""
+    if not kernels.available(torch.float32):
+        pytest.skip("no vectorized kernel on this machine")
+    cols = 1 << 50
+    weight, x = torch.zeros(1).expand(1, cols), torch.zeros(1).expand(8, cols)
+    with pytest.raises(MemoryError, match=f"gemv: .* {16 * cols * 4} bytes"):
+        kernels.gemv(weight, x)
+
+
+def test_a_decode_step_without_memory_is_a_memory_error():
+    """A decode step at position 2^50 would need petabytes of attention scratch: it raises
+    before touching the cache."""
+    from mistral_nemo.kernels.decoder import Decoder, KVLayout, LayerSpec, LinearSpec
+
+    if not kernels.available(torch.float32):
+        pytest.skip("no vectorized kernel on this machine")
+    dim, heads, kv, head_dim, hidden = 64, 2, 1, 32, 128
+    layer = LayerSpec(
+        attention_norm=torch.ones(dim),
+        ffn_norm=torch.ones(dim),
+        qkv=[LinearSpec(torch.randn((heads + 2 * kv) * head_dim, dim))],
+        wo=LinearSpec(torch.randn(dim, heads * head_dim)),
+        gate_up=[LinearSpec(torch.randn(2 * hidden, dim))],
+        w2=LinearSpec(torch.randn(dim, hidden)),
+    )
+    decoder = Decoder([layer], torch.ones(dim), 1e-5, heads, kv, head_dim)
+    k, v = torch.zeros(1, kv * head_dim), torch.zeros(1, kv * head_dim)
+    pos = 1 << 50
+    freqs = torch.ones(1, head_dim // 2, dtype=torch.complex64).expand(pos + 1, -1)
+    cache = KVLayout(k, v, slot_stride=kv * head_dim, head_stride=head_dim, freqs=freqs, pos=pos)
+    with pytest.raises(MemoryError, match="decode_step"):
+        decoder(torch.randn(1, dim), [cache])
+    assert not k.any() and not v.any()

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import socket
+import statistics
 import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -43,16 +47,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_mistral):
-    model = Transformer.from_pretrained(tiny_mistral)
-    llm = LLM(
-        model, Tokenizer.from_pretrained(tiny_mistral), kv_cache_memory="64MiB", max_model_len=4096
-    )
-    app = create_app(llm, MODEL, api_key=API_KEY, max_body_bytes=2**20)
+@contextmanager
+def serving(app) -> Iterator[str]:
+    """Run the app with uvicorn on a free loopback port; yields its base URL."""
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error")
-    srv = uvicorn.Server(config)
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
@@ -62,9 +61,21 @@ def server(tiny_mistral):
             break
         except httpx.HTTPError:
             time.sleep(0.05)
-    yield base, llm
-    srv.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield base
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_mistral):
+    model = Transformer.from_pretrained(tiny_mistral)
+    llm = LLM(
+        model, Tokenizer.from_pretrained(tiny_mistral), kv_cache_memory="64MiB", max_model_len=4096
+    )
+    with serving(create_app(llm, MODEL, api_key=API_KEY, max_body_bytes=2**20)) as base:
+        yield base, llm
 
 
 @pytest.fixture
@@ -173,6 +184,22 @@ def test_tool_call_round_trip(client):
         assert choice.finish_reason == "length"
 
 
+def script_completion(monkeypatch, ids: list[int], max_tokens: int) -> None:
+    """Make the model answer exactly `ids` to requests with this max_tokens."""
+    import mistral_nemo.engine.engine as engine_module
+
+    real = engine_module.sample_batch
+
+    def scripted(logits, params, prompts, outputs, generators):
+        tokens, lps = real(logits, params, prompts, outputs, generators)
+        return [
+            ids[len(o)] if p.max_tokens == max_tokens else t
+            for t, p, o in zip(tokens, params, outputs, strict=True)
+        ], lps
+
+    monkeypatch.setattr(engine_module, "sample_batch", scripted)
+
+
 def test_tool_calls_are_parsed_and_streamed(server, client, monkeypatch):
     """Make the model emit a complete call, and check both response shapes."""
     llm = server[1]
@@ -182,18 +209,7 @@ def test_tool_calls_are_parsed_and_streamed(server, client, monkeypatch):
         *tok.encode('[{"name": "get_weather", "arguments": {"city": "Paris"}}]'),
         tok.eos_id,
     ]
-    import mistral_nemo.engine.engine as engine_module
-
-    real = engine_module.sample_batch
-
-    def scripted(logits, params, prompts, outputs, generators):
-        tokens, lps = real(logits, params, prompts, outputs, generators)
-        return [
-            call[len(o)] if p.max_tokens == 77 else t
-            for t, p, o in zip(tokens, params, outputs, strict=True)
-        ], lps
-
-    monkeypatch.setattr(engine_module, "sample_batch", scripted)
+    script_completion(monkeypatch, call, 77)
     kwargs = {
         "model": MODEL,
         "messages": [{"role": "user", "content": "Weather?"}],
@@ -212,6 +228,32 @@ def test_tool_calls_are_parsed_and_streamed(server, client, monkeypatch):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
     none = client.chat.completions.create(tool_choice="none", **kwargs)
     assert none.choices[0].finish_reason != "tool_calls"
+
+
+def test_unparsable_tool_calls_stream_the_text_they_answer(server, client, monkeypatch):
+    """Calls that do not parse leave the answer as text: the stream, which held the text
+    back from [TOOL_CALLS] on, sends the same text as the whole answer."""
+    tok = server[1].tokenizer
+    answer = [
+        *tok.encode("Let me see. "),
+        tok.control_id("[TOOL_CALLS]"),
+        *tok.encode('[{"name": 5}]'),
+        tok.eos_id,
+    ]
+    script_completion(monkeypatch, answer, 78)
+    kwargs = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Weather?"}],
+        "tools": TOOLS,
+        "max_tokens": 78,
+        "temperature": 0,
+    }
+    whole = client.chat.completions.create(**kwargs).choices[0]
+    assert whole.finish_reason == "stop" and not whole.message.tool_calls
+    assert whole.message.content.startswith("Let me see. ")
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.message.content
+    assert chunks[-1].choices[0].finish_reason == "stop"
 
 
 def test_errors_surface_as_client_exceptions(server, client):
@@ -291,8 +333,6 @@ def test_body_over_the_limit_is_413(server):
 
 
 def test_concurrent_requests_are_batched_and_match_alone(server, client):
-    from concurrent.futures import ThreadPoolExecutor
-
     prompts = [f"Request number {i} says" for i in range(8)]
 
     def ask(p):
@@ -361,3 +401,153 @@ def test_bf16_server_model_runs(tiny_mistral):
     with TestClient(app) as c:
         r = c.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 3})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
+
+
+def test_engine_failure_fails_the_request_and_the_server_keeps_serving(server, monkeypatch):
+    llm = server[1]
+    real = llm.engine.step
+    failures = iter([RuntimeError("boom")])
+
+    def failing_once():
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return real()
+
+    monkeypatch.setattr(llm.engine, "step", failing_once)
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 3}
+    r = httpx.post(f"{server[0]}/v1/completions", headers=headers, json=body)
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert "boom" in r.json()["error"]["message"]
+    r = httpx.post(f"{server[0]}/v1/completions", headers=headers, json=body)
+    assert r.status_code == 200
+    assert not llm.engine.requests and llm.engine.pool.num_free == llm.engine.pool.num_blocks
+
+
+# -- the event loop never waits for the engine ------------------------------------------------
+
+CHUNK = 16
+LONG_PROMPT = list(range(1000, 1000 + 40 * CHUNK))  # 40 prefill steps
+
+
+@pytest.fixture(scope="module")
+def chunked_server(tiny_mistral):
+    """A server whose engine prefills CHUNK tokens a step, so a long prompt takes many (and
+    all of them every time: no prefix caching)."""
+    llm = LLM(
+        Transformer.from_pretrained(tiny_mistral),
+        Tokenizer.from_pretrained(tiny_mistral),
+        kv_cache_memory="64MiB",
+        max_model_len=4096,
+        max_num_batched_tokens=CHUNK,
+        enable_prefix_caching=False,
+    )
+    with serving(create_app(llm, MODEL)) as base:
+        yield base, llm
+
+
+class StepGate:
+    """Stands in for an engine's step: a step waits until the gate opens, as a step stuck in
+    a long prefill chunk would. Records, for each step, whether the short request (a prompt
+    under CHUNK tokens) was in the engine when it began and which requests got a token."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.step = engine.step
+        self.entered = threading.Event()
+        self.opened = threading.Event()
+        self.short_present: list[bool] = []
+        self.advanced: list[set[str]] = []  # "short" / "long", per step
+
+    def __call__(self):
+        self.entered.set()
+        assert self.opened.wait(timeout=60)
+        self.short_present.append(any(len(r.prompt) < CHUNK for r in self.engine.requests.values()))
+        outputs = self.step()
+        self.advanced.append(
+            {"short" if len(o.prompt_token_ids) < CHUNK else "long" for o in outputs}
+        )
+        return outputs
+
+    def first(self, kind: str) -> int:
+        return next(i for i, names in enumerate(self.advanced) if kind in names)
+
+
+def signal_on_encode(tokenizer, monkeypatch) -> threading.Event:
+    """An event set once a handler has encoded a text prompt: it submits it right after,
+    without yielding to the event loop."""
+    encoded = threading.Event()
+    encode = tokenizer.encode
+
+    def watched(*args, **kwargs):
+        ids = encode(*args, **kwargs)
+        encoded.set()
+        return ids
+
+    monkeypatch.setattr(tokenizer, "encode", watched)
+    return encoded
+
+
+def complete(base: str, prompt, max_tokens: int) -> dict:
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    r = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_health_answers_while_a_step_runs(chunked_server, monkeypatch, record_property):
+    """A long prefill chunk is running (held by the gate) and a second request arrives:
+    the event loop must not wait for the step to hand that request over, so /health answers
+    at once. (With the engine's lock taken on the event loop, it hung until the step ended.)"""
+    base, llm = chunked_server
+    gate = StepGate(llm.engine)
+    monkeypatch.setattr(llm.engine, "step", gate)
+    encoded = signal_on_encode(llm.tokenizer, monkeypatch)
+    latencies = []
+    with ThreadPoolExecutor(2) as pool, httpx.Client(base_url=base, timeout=5) as http:
+        long = pool.submit(complete, base, LONG_PROMPT, 1)
+        try:
+            assert gate.entered.wait(timeout=30)
+            short = pool.submit(complete, base, "Hi", 2)
+            assert encoded.wait(timeout=30)
+            for _ in range(5):
+                start = time.perf_counter()
+                try:
+                    r = http.get("/health")
+                except httpx.TimeoutException:
+                    pytest.fail("/health stalled while an engine step ran")
+                latencies.append(time.perf_counter() - start)
+                assert r.status_code == 200
+        finally:
+            gate.opened.set()
+        long.result(timeout=120)
+        short.result(timeout=120)
+    record_property("health_latency_ms", [round(t * 1000, 2) for t in latencies])
+    assert statistics.median(latencies) < 0.05, f"/health took {latencies} s"
+
+
+def test_short_request_is_not_stuck_behind_a_long_prefill(chunked_server, monkeypatch):
+    """A 2-token request arriving while a 40-chunk prompt prefills gets its first token in
+    the first step that sees it (after at most the one chunk then running), not after the
+    long prompt's whole prefill."""
+    base, llm = chunked_server
+    gate = StepGate(llm.engine)
+    monkeypatch.setattr(llm.engine, "step", gate)
+    encoded = signal_on_encode(llm.tokenizer, monkeypatch)
+    with ThreadPoolExecutor(2) as pool:
+        long = pool.submit(complete, base, LONG_PROMPT, 1)
+        try:
+            assert gate.entered.wait(timeout=30)
+            short = pool.submit(complete, base, "Hi", 2)
+            assert encoded.wait(timeout=30)
+        finally:
+            gate.opened.set()
+        long.result(timeout=120)
+        short.result(timeout=120)
+    arrived = gate.short_present.index(True)
+    assert arrived < gate.first("long"), "the short request came after the long prefill"
+    assert gate.first("short") == arrived, (
+        f"the short request arrived before step {arrived} but got its first token in step "
+        f"{gate.first('short')}; the long prompt's prefill ended in step {gate.first('long')}"
+    )

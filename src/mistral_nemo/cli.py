@@ -13,6 +13,7 @@ import torch
 
 from mistral_nemo.config import PRESETS, ModelConfig
 from mistral_nemo.errors import MistralNemoError
+from mistral_nemo.sampling import DEFAULT_TEMPERATURE
 
 if TYPE_CHECKING:
     from mistral_nemo.engine import LLM
@@ -192,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--system", default=None, help="system prompt (with --chat)")
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.3)
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
@@ -202,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("chat", help="talk with a model in the terminal")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--max-tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=0.3)
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     _add_loading_options(p)

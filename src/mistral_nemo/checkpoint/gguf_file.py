@@ -1,15 +1,13 @@
 """GGUF files (llama.cpp's format) of llama-family models: read and write.
 
-llama.cpp runs Mistral NeMo as architecture `llama`. Its converter permutes the q/k rows of
-Hugging Face checkpoints back into interleaved RoPE pairs, which is our (Mistral) layout, so
-tensors only need renaming. Quantized tensors (Q8_0, Q4_K, ...) are dequantized one at a
+llama.cpp runs Mistral NeMo as architecture `llama`; tensors are in our (Mistral) layout
+under their GGUF names (`layouts`). Quantized tensors (Q8_0, Q4_K, ...) are dequantized one at a
 time by the `gguf` package as the model loads; the file itself stays memory-mapped.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -19,46 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from mistral_nemo.checkpoint.layouts import gguf_name, mistral_name_of_gguf
 from mistral_nemo.config import NEMO_CONTEXT, ModelConfig
 from mistral_nemo.errors import CheckpointError, ConfigError
 
 ARCHITECTURE = "llama"
-# Our tensor names -> GGUF's, within a layer and for the whole model.
-_LAYER_NAMES = {
-    "attention.wq.weight": "attn_q.weight",
-    "attention.wk.weight": "attn_k.weight",
-    "attention.wv.weight": "attn_v.weight",
-    "attention.wo.weight": "attn_output.weight",
-    "attention_norm.weight": "attn_norm.weight",
-    "ffn_norm.weight": "ffn_norm.weight",
-    "feed_forward.w1.weight": "ffn_gate.weight",
-    "feed_forward.w2.weight": "ffn_down.weight",
-    "feed_forward.w3.weight": "ffn_up.weight",
-}
-_GLOBAL_NAMES = {
-    "tok_embeddings.weight": "token_embd.weight",
-    "norm.weight": "output_norm.weight",
-    "output.weight": "output.weight",
-}
-_OURS_BY_GGUF_LAYER = {g: ours for ours, g in _LAYER_NAMES.items()}
-_OURS_BY_GGUF_GLOBAL = {g: ours for ours, g in _GLOBAL_NAMES.items()}
 # Non-weight tensors llama.cpp's converter may add; the model does not use them.
 _IGNORED = ("rope_freqs.weight",)
-
-
-def gguf_name(name: str) -> str:
-    m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
-    if m:
-        return f"blk.{m[1]}.{_LAYER_NAMES[m[2]]}"
-    return _GLOBAL_NAMES[name]
-
-
-def our_name(name: str) -> str | None:
-    m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
-    if m:
-        ours = _OURS_BY_GGUF_LAYER.get(m[2])
-        return None if ours is None else f"layers.{m[1]}.{ours}"
-    return _OURS_BY_GGUF_GLOBAL.get(name)
 
 
 def is_gguf(path: str | Path) -> bool:
@@ -259,7 +224,7 @@ def gguf_tensors(file: GGUFFile) -> dict[str, GGUFTensor]:
     dtypes = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
     out = {}
     for name, t in file.tensors.items():
-        ours = our_name(name)
+        ours = mistral_name_of_gguf(name)
         if ours is None:
             if name in _IGNORED:
                 continue

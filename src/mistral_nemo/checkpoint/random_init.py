@@ -11,8 +11,10 @@ from pathlib import Path
 
 import torch
 
-from mistral_nemo.checkpoint import RANDOM_MARKER, layouts, write_checkpoint
+from mistral_nemo.checkpoint import layouts
+from mistral_nemo.checkpoint.reading import RANDOM_MARKER
 from mistral_nemo.checkpoint.safetensors_io import TensorSource
+from mistral_nemo.checkpoint.writing import write_checkpoint
 from mistral_nemo.config import ModelConfig
 from mistral_nemo.tokenizer.files import reference_tekken_file
 

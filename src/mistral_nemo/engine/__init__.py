@@ -2,11 +2,7 @@
 
 from mistral_nemo.engine.engine import Engine
 from mistral_nemo.engine.llm import LLM
-from mistral_nemo.engine.params import (
-    CompletionOutput,
-    RequestOutput,
-    SamplingParams,
-    TokenLogprob,
-)
+from mistral_nemo.engine.outputs import CompletionOutput, RequestOutput
+from mistral_nemo.sampling import SamplingParams, TokenLogprob
 
 __all__ = ["LLM", "CompletionOutput", "Engine", "RequestOutput", "SamplingParams", "TokenLogprob"]

@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mistral_nemo import kernels
 from mistral_nemo.engine.blocks import BlockPool, block_hash
-from mistral_nemo.engine.paged import PagedKVCache
-from mistral_nemo.engine.params import CompletionOutput, RequestOutput, SamplingParams, TokenLogprob
-from mistral_nemo.engine.sampler import sample_batch
+from mistral_nemo.engine.outputs import CompletionOutput, RequestOutput
 from mistral_nemo.errors import InvalidRequestError
 from mistral_nemo.model import Transformer
+from mistral_nemo.runtime import ModelRunner
+from mistral_nemo.runtime.paged import PagedKVCache
+from mistral_nemo.sampling import SamplingParams, TokenLogprob, sample_batch
 from mistral_nemo.tokenizer.base import BaseTokenizer, StreamDecoder
 
 
@@ -83,6 +83,7 @@ class Engine:
         kv_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
+        self.runner = ModelRunner(model)
         self.tokenizer = tokenizer
         self.max_model_len = min(
             max_model_len or model.config.max_seq_len, model.config.max_seq_len
@@ -114,17 +115,8 @@ class Engine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        if not prompt:
-            raise InvalidRequestError("the prompt is empty")
-        vocab = self.model.config.vocab_size
-        if min(prompt) < 0 or max(prompt) >= vocab:
-            raise InvalidRequestError(f"prompt token ids must be in 0..{vocab - 1}")
+        params.check_prompt(prompt, self.model.config.vocab_size, self.max_model_len)
         total = len(prompt) + params.max_tokens
-        if total > self.max_model_len:
-            raise InvalidRequestError(
-                f"prompt of {len(prompt)} tokens plus max_tokens {params.max_tokens} exceeds "
-                f"the context of {self.max_model_len} tokens"
-            )
         if -(-total // self.block_size) > self.pool.num_blocks:
             raise InvalidRequestError(
                 f"prompt of {len(prompt)} tokens plus max_tokens {params.max_tokens} does not "
@@ -164,43 +156,32 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one forward pass for the scheduled tokens; outputs of requests that advanced."""
         decode, chunks = self._schedule()
-        # A decode step that the CPU kernels do, with no prefill alongside, runs on one torch
-        # thread, sampling included, and leaves the cores to them (see one_token_steps; two
-        # pools of spinning threads on the same cores made a step of two SmolLM2 sequences
-        # 10x slower).
-        with kernels.one_token_steps(not chunks and self.model.kernels_take(len(decode))):
+        with self.runner.decoding(len(decode), prefill=bool(chunks)):
             return self._step(decode, chunks)
 
     def _step(
         self, decode: list[Sequence], chunks: list[tuple[Sequence, int]]
     ) -> list[RequestOutput]:
-        seqs: list[Sequence] = []
-        # The final hidden state of each sequence that gets a next token, [n, dim] each: one
-        # LM head product for all of them (16 prompts ending in one step took 16 products).
-        rows: list[torch.Tensor] = []
-        model = self.model
+        device = self.model.device
+        decode_input = None
         if decode:
             step = self.cache.step([s.blocks for s in decode], [s.computed for s in decode], 1)
-            tokens = torch.tensor([[s.last_token] for s in decode], device=model.device)
-            rows.append(model.hidden(tokens, cache=step)[:, -1])
-            for s in decode:
-                s.computed += 1
-            seqs += decode
-            if chunks:
-                kernels.pool_sleep()  # the prefill's matmuls need all the cores
+            decode_input = (torch.tensor([[s.last_token] for s in decode], device=device), step)
+        prefills = []
         for s, n in chunks:
             step = self.cache.step([s.blocks], [s.computed], n)
-            tokens = torch.tensor([s.tokens[s.computed : s.computed + n]], device=model.device)
-            hidden = model.hidden(tokens, cache=step, last_only=True)[:, -1]
+            tokens = torch.tensor([s.tokens[s.computed : s.computed + n]], device=device)
+            prefills.append((tokens, step, s.pending == n))
+        logits = self.runner.step(decode_input, prefills)
+        for s in decode:
+            s.computed += 1
+        for s, n in chunks:
             s.computed += n
-            if s.pending == 0:
-                rows.append(hidden)
-                seqs.append(s)
         for s in [*decode, *(c[0] for c in chunks)]:
             self._register_full_blocks(s)
-        if not seqs:
+        if logits is None:
             return []
-        logits = model.output(rows[0] if len(rows) == 1 else torch.cat(rows)).float()
+        seqs = [*decode, *(s for s, n in chunks if s.pending == 0)]
         return [self._output(r) for r in self._sample(seqs, logits)]
 
     def _schedule(self) -> tuple[list[Sequence], list[tuple[Sequence, int]]]:
@@ -208,25 +189,36 @@ class Engine:
         for seq in sorted((s for s in self.running if s.pending == 1), key=lambda s: s.order):
             if seq in self.running and self._reserve(seq, seq.computed + 1):
                 decode.append(seq)
+        # Prompts are chunked shortest first, so a short request that arrives during a long
+        # prefill is answered after one more chunk of it, not after the whole prompt.
         budget = max(self.chunk - len(decode), 1)
-        chunks = []
-        for seq in [s for s in self.running if s.pending > 1]:
-            n = min(seq.pending, budget)
-            if n > 0 and self._reserve(seq, seq.computed + n):
-                chunks.append((seq, n))
-                budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        arrivals = list(itertools.islice(self.waiting, self.max_num_seqs - len(self.running)))
+        for seq in arrivals:
             self._match_prefix(seq)
+        prefilling = [s for s in self.running if s.pending > 1]
+        chunks = []
+        admitting = True
+        for seq in sorted([*prefilling, *arrivals], key=lambda s: s.pending):
             n = min(seq.pending, budget)
-            if -(-(seq.computed + n) // self.block_size) - len(seq.blocks) > self.pool.num_free:
-                self._free(seq)  # not now: keep the blocks for the running sequences
+            if n <= 0:
                 break
-            self.waiting.popleft()
+            if seq in self.running:
+                if self._reserve(seq, seq.computed + n):
+                    chunks.append((seq, n))
+                    budget -= n
+                continue
+            blocks = -(-(seq.computed + n) // self.block_size) - len(seq.blocks)
+            if not admitting or blocks > self.pool.num_free:
+                admitting = False  # no room: the blocks stay with the running sequences
+                continue
+            self.waiting.remove(seq)
             self.running.append(seq)
             self._reserve(seq, seq.computed + n)
             chunks.append((seq, n))
             budget -= n
+        for seq in arrivals:
+            if seq in self.waiting:
+                self._free(seq)  # not now: keep the blocks for the running sequences
         return [s for s in decode if s in self.running], [c for c in chunks if c[0] in self.running]
 
     def _reserve(self, seq: Sequence, tokens: int) -> bool:

@@ -9,12 +9,13 @@ from typing import Any
 import torch
 
 from mistral_nemo.engine.engine import Engine
-from mistral_nemo.engine.params import RequestOutput, SamplingParams
+from mistral_nemo.engine.outputs import RequestOutput
 from mistral_nemo.errors import InvalidRequestError
 from mistral_nemo.model import Transformer
 from mistral_nemo.planner import parse_bytes
+from mistral_nemo.sampling import SamplingParams
 from mistral_nemo.tokenizer import BaseTokenizer, load_tokenizer
-from mistral_nemo.tokenizer.tool_calls import parse_output
+from mistral_nemo.tokenizer.tool_calls import tool_call_answer
 
 Prompt = str | Sequence[int]
 
@@ -137,16 +138,13 @@ class LLM:
             for c in conversations
         ]
         outputs = self._run(prompts, params or SamplingParams())
-        for out in outputs:
-            for o in out.outputs:
-                if tools and tok.control_id("[TOOL_CALLS]") in o.token_ids:
-                    parsed = parse_output(tok, o.token_ids)
-                    if parsed.tool_calls:
-                        o.text, o.tool_calls, o.finish_reason = (
-                            parsed.content,
-                            parsed.tool_calls,
-                            "tool_calls",
-                        )
+        for o in (o for out in outputs for o in out.outputs):
+            if tools and (answer := tool_call_answer(tok, o.token_ids)) is not None:
+                o.text, o.tool_calls, o.finish_reason = (
+                    answer.content,
+                    answer.tool_calls,
+                    "tool_calls",
+                )
         return outputs
 
     def stream(

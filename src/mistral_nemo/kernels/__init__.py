@@ -1,36 +1,52 @@
 """CPU kernels for decoding, compiled on first use.
 
 `linear(x, weight)` is `F.linear` except when one token's activations meet a large bf16 or
-fp32 weight on the CPU outside autograd (gemv.c streams the weight at memory speed; torch's
+fp32 weight on the CPU outside autograd (the kernel streams the weight at memory speed; torch's
 bf16 path reaches about two thirds of it), or a few dozen rows meet an fp32 weight (read
 once for all of them). The quantized layers call `gemv_int4`, `gemv_int8` and `gemv` (fp8)
 for up to MAX_BATCH_QUANTIZED rows, and `decoder.Decoder` runs a whole fp32 decode step of
-several sequences in one call. The C file is built with the system C compiler and
--march=native into a per-user cache; without a compiler, without AVX-512, or with
-MISTRAL_NEMO_CPU_KERNELS=0, everything goes through torch.
+several sequences in one call. The C files (csrc/) are built with the system C compiler and
+-march=native into a per-user cache (`build`); without a compiler, without AVX-512, or with
+MISTRAL_NEMO_CPU_KERNELS=0, everything goes through torch. A kernel that cannot get its
+scratch memory raises MemoryError.
 """
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import cache
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-_SOURCE = Path(__file__).with_name("gemv.c")
-_KINDS = {torch.bfloat16: 0, torch.float32: 1, torch.float8_e4m3fn: 2}
-INT4 = 3  # kinds of the int4 and int8 kernels (their weights' dtypes say too little)
-INT8 = 4
+from mistral_nemo.kernels.build import build
+from mistral_nemo.kernels.header import Library, WeightKind, check_allocation
+
+__all__ = [
+    "MAX_BATCH",
+    "MAX_BATCH_QUANTIZED",
+    "MAX_BATCH_SHORT_ROWS",
+    "MIN_COLUMNS",
+    "MIN_ELEMENTS",
+    "WeightKind",
+    "argmax",
+    "available",
+    "dequantize_int4",
+    "fp32_rows",
+    "gemv",
+    "gemv_int4",
+    "gemv_int8",
+    "linear",
+    "pool_sleep",
+    "set_threads",
+    "threads",
+]
+
+_KINDS = {
+    torch.bfloat16: WeightKind.BF16,
+    torch.float32: WeightKind.FP32,
+    torch.float8_e4m3fn: WeightKind.FP8,
+}
 # Below this many weight elements, the call costs more than torch's GEMV loses; below this
 # row length, one vector's per-row reductions do (a tiny model's 64-wide LM head). With the
 # worker pool, a 192x576 product already gains.
@@ -49,28 +65,21 @@ MAX_BATCH_SHORT_ROWS = 128
 MAX_BATCH_QUANTIZED = 32
 
 
-_kernel_threads: int | None = None  # set while torch is kept to one thread (see below)
+_threads: int | None = None  # None: as many as torch's
 
 
-@contextmanager
-def one_token_steps(enabled: bool = True) -> Iterator[None]:
-    """For decode steps of one token: torch's own ops are tiny then, so they run on the
-    calling thread, and the kernels get all the threads. Otherwise torch's OpenMP workers
-    spin-wait after each op and take the cores from the kernel's threads (measured: an 8-layer
-    int4 NeMo decoded 1.5x slower). Not `enabled` for models too narrow for the kernels, whose
-    matmuls torch does."""
-    global _kernel_threads
-    n = torch.get_num_threads()
-    if not enabled or n == 1 or _kernel_threads is not None:
-        yield
-        return
-    _kernel_threads = n
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-        _kernel_threads = None
+def set_threads(n: int | None) -> None:
+    """Run the kernels on `n` threads, or with None on as many as torch uses
+    (torch.get_num_threads(), the default)."""
+    global _threads
+    if n is not None and n < 1:
+        raise ValueError(f"the kernels need at least one thread, not {n}")
+    _threads = n
+
+
+def threads() -> int:
+    """How many threads the kernels run on."""
+    return torch.get_num_threads() if _threads is None else _threads
 
 
 def pool_sleep() -> None:
@@ -81,69 +90,20 @@ def pool_sleep() -> None:
         lib.pool_sleep()
 
 
-def _threads() -> int:
-    return _kernel_threads or torch.get_num_threads()
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "mistral-nemo"
-
-
 @cache
-def _library() -> ctypes.CDLL | None:
+def _library() -> Library | None:
     if os.environ.get("MISTRAL_NEMO_CPU_KERNELS", "1") == "0":
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        return None
-    source = _SOURCE.read_bytes()
-    flags = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
-    key = hashlib.sha256(source + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"gemv-{key}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            built = Path(tmp) / target.name
-            result = subprocess.run(
-                [compiler, *flags, str(_SOURCE), "-o", str(built), "-lm"],
-                capture_output=True,
-                text=True,
-            )
-            if result.returncode != 0:
-                print(
-                    f"mistral-nemo: CPU kernels unavailable, using torch "
-                    f"({result.stderr.strip().splitlines()[-1:]})",
-                    file=sys.stderr,
-                )
-                return None
-            os.replace(built, target)  # atomic: concurrent first uses do not collide
-    lib = ctypes.CDLL(str(target))
-    lib.gemv.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int] * 2
-    lib.gemv.restype = None
-    lib.gemv_vectorized.argtypes = [ctypes.c_int]
-    lib.gemv_int4.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 4 + [ctypes.c_int]
-    lib.gemv_int4.restype = None
-    if lib.gemv_vectorized(INT8):
-        lib.gemv_int8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
-        lib.gemv_int8.restype = None
-    lib.dequantize_int4.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int]
-    lib.dequantize_int4.restype = None
-    lib.argmax_rows.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p]
-    lib.argmax_rows.argtypes += [ctypes.c_int]
-    lib.argmax_rows.restype = None
-    pointer = ctypes.c_void_p
-    lib.decode_step.argtypes = [pointer, ctypes.c_long, pointer, pointer, pointer, pointer]
-    lib.decode_step.argtypes += [ctypes.c_int]
-    lib.decode_step.restype = None
-    return lib
+    path = build()
+    return None if path is None else Library(path)
 
 
 @cache
-def available(dtype: torch.dtype | int) -> bool:
-    """Whether the vectorized kernel serves weights of `dtype` (or INT4) on this machine."""
+def available(dtype: torch.dtype | WeightKind) -> bool:
+    """Whether the vectorized kernel serves weights of `dtype` (or that kind: INT4, INT8) on
+    this machine."""
     lib = _library()
-    kind = dtype if isinstance(dtype, int) else _KINDS.get(dtype)
+    kind = dtype if isinstance(dtype, WeightKind) else _KINDS.get(dtype)
     return lib is not None and kind is not None and bool(lib.gemv_vectorized(kind))
 
 
@@ -155,7 +115,8 @@ def _run(
     lib = _library()
     assert lib is not None
     out = torch.empty(rows if batch == 1 else (batch, rows), dtype=torch.float32)
-    getattr(lib, entry)(*(t.data_ptr() for t in inputs), out.data_ptr(), *sizes, _threads())
+    failed = getattr(lib, entry)(*(t.data_ptr() for t in inputs), out.data_ptr(), *sizes, threads())
+    check_allocation(entry, failed)
     return out
 
 
@@ -221,7 +182,7 @@ def argmax(x: torch.Tensor) -> torch.Tensor | None:
     if x.shape[1] == 0:
         return None
     out = torch.empty(x.shape[0], dtype=torch.long)
-    lib.argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr(), _threads())
+    lib.argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr(), threads())
     return out
 
 

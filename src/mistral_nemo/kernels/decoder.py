@@ -1,5 +1,5 @@
 """A decode step of several sequences through every layer in one C call per MAX_BATCH of
-them (`decode_step` in gemv.c).
+them (`decode_step` in csrc/decode_step.c).
 
 The model describes its layers once (`LayerSpec`, `LinearSpec`), the cache says where each
 sequence's keys and values are (`KVLayout`), and `Decoder` runs the step in fp32: RMSNorms,
@@ -9,25 +9,28 @@ products, RoPE, cache writes, attention, SiLU and residuals. A token of SmolLM2-
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
 from mistral_nemo.kernels import (
     _KINDS,
-    INT4,
-    INT8,
     MAX_BATCH,
     MAX_BATCH_QUANTIZED,
+    WeightKind,
     _library,
-    _threads,
     available,
+    threads,
 )
+from mistral_nemo.kernels.header import address, check_allocation, ffi
 
 # Weight dtypes that come with scales.
 _SCALED = (torch.uint8, torch.int8, torch.float8_e4m3fn)
+# The C types of each step's arguments, looked up once (by name, a lookup costs about as
+# much as the cast).
+_FLOAT_POINTER, _LONG_POINTER = ffi.typeof("float *"), ffi.typeof("long *")
+_KV_LAYOUTS, _LONGS = ffi.typeof("kv_layout_t[]"), ffi.typeof("long[]")
 
 
 class LinearSpec(NamedTuple):
@@ -41,17 +44,17 @@ class LinearSpec(NamedTuple):
     group: int = 0
 
     @property
-    def kind(self) -> int | None:
+    def kind(self) -> WeightKind | None:
         if self.weight.dtype == torch.uint8:
-            return INT4
+            return WeightKind.INT4
         if self.weight.dtype == torch.int8:
-            return INT8
+            return WeightKind.INT8
         return _KINDS.get(self.weight.dtype)
 
     @property
     def shape(self) -> tuple[int, int]:
         rows, cols = self.weight.shape
-        return rows, cols * 2 if self.kind == INT4 else cols
+        return rows, cols * 2 if self.kind == WeightKind.INT4 else cols
 
 
 class LayerSpec(NamedTuple):
@@ -80,52 +83,6 @@ class KVLayout(NamedTuple):
     block_size: int = 1
 
 
-class _Linear(ctypes.Structure):
-    _fields_ = [
-        ("kind", ctypes.c_int),
-        ("rows", ctypes.c_long),
-        ("cols", ctypes.c_long),
-        ("group", ctypes.c_long),
-        ("w", ctypes.c_void_p),
-        ("scale", ctypes.c_void_p),
-        ("scales", ctypes.c_long),
-    ]
-
-
-class _Layer(ctypes.Structure):
-    _fields_ = [
-        ("attention_norm", ctypes.c_void_p),
-        ("ffn_norm", ctypes.c_void_p),
-        ("qkv", _Linear * 3),
-        ("wo", _Linear),
-        ("gate_up", _Linear * 2),
-        ("w2", _Linear),
-        ("n_qkv", ctypes.c_int),
-        ("n_gate_up", ctypes.c_int),
-    ]
-
-
-class _Decoder(ctypes.Structure):
-    _fields_ = [
-        *((name, ctypes.c_int) for name in ("n_layers", "dim", "hidden", "heads", "kv", "hd")),
-        ("eps", ctypes.c_float),
-        ("layers", ctypes.POINTER(_Layer)),
-        ("norm", ctypes.c_void_p),
-    ]
-
-
-class _KVLayout(ctypes.Structure):
-    _fields_ = [
-        ("k", ctypes.c_void_p),
-        ("v", ctypes.c_void_p),
-        ("layer_stride", ctypes.c_long),
-        ("slot_stride", ctypes.c_long),
-        ("head_stride", ctypes.c_long),
-        ("blocks", ctypes.c_void_p),
-        ("block_size", ctypes.c_long),
-    ]
-
-
 def _usable(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.is_contiguous()
 
@@ -138,9 +95,9 @@ def _linear_ok(x: LinearSpec) -> bool:
         return x.weight.dtype not in _SCALED
     if not _usable(x.scale):
         return False
-    if kind == INT4:
+    if kind == WeightKind.INT4:
         return x.group > 0 and cols % x.group == 0 and x.scale.numel() == rows * cols // x.group * 2
-    return x.scale.numel() in ((rows,) if kind == INT8 else (1, rows))
+    return x.scale.numel() in ((rows,) if kind == WeightKind.INT8 else (1, rows))
 
 
 class Decoder:
@@ -158,22 +115,16 @@ class Decoder:
         kv: int,
         head_dim: int,
     ) -> None:
-        self._keep: list[torch.Tensor] = [norm.detach()]
-        self._layers = (_Layer * len(layers))()
-        for layer, spec in zip(self._layers, layers, strict=True):
-            layer.attention_norm = self._pointer(spec.attention_norm)
-            layer.ffn_norm = self._pointer(spec.ffn_norm)
-            for i, linear in enumerate(spec.qkv):
-                layer.qkv[i] = self._linear(linear)
-            for i, linear in enumerate(spec.gate_up):
-                layer.gate_up[i] = self._linear(linear)
-            layer.wo, layer.w2 = self._linear(spec.wo), self._linear(spec.w2)
-            layer.n_qkv, layer.n_gate_up = len(spec.qkv), len(spec.gate_up)
-        first = layers[0]
-        dim, hidden = first.w2.shape[0], first.w2.shape[1]
-        layers_pointer = ctypes.cast(self._layers, ctypes.POINTER(_Layer))
-        self._decoder = _Decoder(len(layers), dim, hidden, heads, kv, head_dim, eps, layers_pointer)
-        self._decoder.norm = self._pointer(norm)
+        self._keep: list[torch.Tensor] = []
+        self._layers = ffi.new("layer_t[]", [self._layer(spec) for spec in layers])
+        dim, hidden = layers[0].w2.shape
+        self._decoder = ffi.new(
+            "decoder_t *",
+            {
+                "n_layers": len(layers), "dim": dim, "hidden": hidden, "heads": heads, "kv": kv,
+                "hd": head_dim, "eps": eps, "layers": self._layers, "norm": self._pointer(norm),
+            },
+        )  # fmt: skip
         self.dim = dim
         # How many sequences one call takes while its products beat torch's; more go in
         # calls of max_batch (at par with torch's products or better, and no gathering of the
@@ -216,15 +167,32 @@ class Decoder:
                 return False
         return True
 
-    def _pointer(self, t: torch.Tensor) -> int:
+    def _pointer(self, t: torch.Tensor) -> Any:
         self._keep.append(t.detach())
-        return t.data_ptr()
+        return ffi.cast("void *", t.data_ptr())
 
-    def _linear(self, spec: LinearSpec) -> _Linear:
+    def _linear(self, spec: LinearSpec) -> dict[str, Any]:
+        """A linear_t's fields."""
         rows, cols = spec.shape
-        scale = 0 if spec.scale is None else self._pointer(spec.scale)
-        scales = 0 if spec.scale is None else spec.scale.numel()
-        return _Linear(spec.kind, rows, cols, spec.group, self._pointer(spec.weight), scale, scales)
+        return {
+            "kind": spec.kind, "rows": rows, "cols": cols, "group": spec.group,
+            "w": self._pointer(spec.weight),
+            "scale": ffi.NULL if spec.scale is None else self._pointer(spec.scale),
+            "scales": 0 if spec.scale is None else spec.scale.numel(),
+        }  # fmt: skip
+
+    def _layer(self, spec: LayerSpec) -> dict[str, Any]:
+        """A layer_t's fields (the arrays' unused entries stay zero)."""
+        return {
+            "attention_norm": self._pointer(spec.attention_norm),
+            "ffn_norm": self._pointer(spec.ffn_norm),
+            "qkv": [self._linear(x) for x in spec.qkv],
+            "wo": self._linear(spec.wo),
+            "gate_up": [self._linear(x) for x in spec.gate_up],
+            "w2": self._linear(spec.w2),
+            "n_qkv": len(spec.qkv),
+            "n_gate_up": len(spec.gate_up),
+        }
 
     def __call__(self, x: torch.Tensor, caches: Sequence[KVLayout]) -> torch.Tensor:
         """x: the new token's embedding of each sequence ([batch, 1, dim] or [batch, dim]);
@@ -237,28 +205,30 @@ class Decoder:
         lib = _library()
         assert lib is not None
         out = x.reshape(batch, self.dim).to(torch.float32, copy=True)
-        layouts = (_KVLayout * batch)(
-            *(
-                _KVLayout(
-                    c.k.data_ptr(),
-                    c.v.data_ptr(),
+        layouts = ffi.new(
+            _KV_LAYOUTS,
+            [
+                (
+                    ffi.cast(_FLOAT_POINTER, c.k.data_ptr()),
+                    ffi.cast(_FLOAT_POINTER, c.v.data_ptr()),
                     c.k.stride(0),
                     c.slot_stride,
                     c.head_stride,
-                    0 if c.blocks is None else c.blocks.data_ptr(),
+                    ffi.NULL if c.blocks is None else ffi.cast(_LONG_POINTER, c.blocks.data_ptr()),
                     c.block_size,
                 )  # fmt: skip
                 for c in caches
-            )
+            ],
         )
-        positions = (ctypes.c_long * batch)(*(c.pos for c in caches))
+        positions = ffi.new(_LONGS, [c.pos for c in caches])
         freqs = caches[0].freqs
         if all(c.freqs is freqs for c in caches):  # one cache's sequences: one gather
             rotations = torch.view_as_real(freqs[[c.pos for c in caches]])
         else:
             rotations = torch.stack([torch.view_as_real(c.freqs[c.pos]) for c in caches])
-        lib.decode_step(
-            ctypes.byref(self._decoder), batch, layouts, positions, rotations.data_ptr(),
-            out.data_ptr(), _threads(),
+        failed = lib.decode_step(
+            address(self._decoder), batch, address(layouts), address(positions),
+            rotations.data_ptr(), out.data_ptr(), threads(),
         )  # fmt: skip
+        check_allocation("decode_step", failed)
         return out

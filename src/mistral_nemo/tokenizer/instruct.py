@@ -16,12 +16,10 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from mistral_nemo.tokenizer.base import BaseTokenizer
 from mistral_nemo.tokenizer.validation import text_of, validate_request
-
-if TYPE_CHECKING:
-    from mistral_nemo.tokenizer.tekken import Tokenizer
 
 
 @dataclass
@@ -34,7 +32,7 @@ class _Turn:
 
 
 def encode_chat(
-    tokenizer: Tokenizer,
+    tokenizer: BaseTokenizer,
     messages: Sequence[dict[str, Any]],
     tools: Sequence[dict[str, Any]] | None = None,
     continue_final_message: bool = False,

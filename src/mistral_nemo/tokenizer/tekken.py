@@ -17,6 +17,7 @@ from typing import Any
 import tiktoken
 
 from mistral_nemo.errors import CheckpointError
+from mistral_nemo.tokenizer import instruct
 from mistral_nemo.tokenizer.base import BaseTokenizer
 
 # Control tokens of Tekken files that predate a "special_tokens" list (NeMo's
@@ -111,9 +112,7 @@ class Tokenizer(BaseTokenizer):
     ) -> list[int]:
         """Ids of an OpenAI-style chat request in the NeMo instruct format (validated first;
         a broken rule raises InvalidRequestError naming the message and the rule)."""
-        from mistral_nemo.tokenizer.instruct import encode_chat
-
-        return encode_chat(self, messages, tools, continue_final_message)
+        return instruct.encode_chat(self, messages, tools, continue_final_message)
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes of an ordinary token (control tokens have none)."""

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from mistral_nemo.tokenizer.base import BaseTokenizer
 
 _ID_ALPHABET = string.ascii_letters + string.digits
+TOOL_CALLS = "[TOOL_CALLS]"
 
 
 def new_tool_call_id() -> str:
@@ -40,11 +41,33 @@ class AssistantOutput:
     error: str | None = None
 
 
+def tool_calls_id(tokenizer: BaseTokenizer) -> int | None:
+    """The id of the [TOOL_CALLS] control token; None for a vocabulary without it (a GGUF's
+    other BPE tokenizers), whose completions never call tools."""
+    return tokenizer.special_ids.get(TOOL_CALLS)
+
+
+def calls_tools(tokenizer: BaseTokenizer, ids: Sequence[int]) -> bool:
+    """Whether a completion has started calling tools: it holds [TOOL_CALLS]."""
+    marker = tool_calls_id(tokenizer)
+    return marker is not None and marker in ids
+
+
+def tool_call_answer(tokenizer: BaseTokenizer, ids: Sequence[int]) -> AssistantOutput | None:
+    """The answer of a finished completion that calls tools: its text before [TOOL_CALLS]
+    and the parsed calls, with ids; its finish reason is then "tool_calls". None when it
+    calls none, or when its calls do not parse: its text then stands as it is."""
+    if not calls_tools(tokenizer, ids):
+        return None
+    answer = parse_output(tokenizer, ids)
+    return answer if answer.tool_calls else None
+
+
 def parse_output(tokenizer: BaseTokenizer, ids: Sequence[int]) -> AssistantOutput:
     """Split generated ids at the [TOOL_CALLS] control token and parse the calls after it."""
-    marker = tokenizer.control_id("[TOOL_CALLS]")
+    marker = tool_calls_id(tokenizer)
     ids = [i for i in ids if i != tokenizer.eos_id]
-    if marker not in ids:
+    if marker is None or marker not in ids:
         return AssistantOutput(tokenizer.decode(ids))
     at = ids.index(marker)
     content = tokenizer.decode(ids[:at])
@@ -52,7 +75,7 @@ def parse_output(tokenizer: BaseTokenizer, ids: Sequence[int]) -> AssistantOutpu
     try:
         calls = [c for block in blocks for c in parse_tool_calls(tokenizer.decode(block))]
     except ValueError as e:
-        text = content + "".join("[TOOL_CALLS]" + tokenizer.decode(b) for b in blocks)
+        text = content + "".join(TOOL_CALLS + tokenizer.decode(b) for b in blocks)
         return AssistantOutput(text, error=str(e))
     return AssistantOutput(content, calls)
 

@@ -2,11 +2,11 @@
 
 Per layer, keys and values live in [num_blocks * block_size, kv_heads, head_dim] (vLLM's
 [num_blocks, block_size, kv_heads, head_dim] layout, flattened), so a GPU paged-attention
-kernel could read the blocks in place. On the CPU, decode steps of up to 8 sequences of an
-fp32 model do (the C decode step, through `decode_layouts`); otherwise attention gathers
-each sequence's blocks into a padded batch and runs scaled_dot_product_attention with a
-mask. Keys and values are stored in the model's dtype, or in FP8 (E4M3) with a scale per
-layer, which halves the cache of a bf16 model.
+kernel could read the blocks in place, as the CPU's C decode step does (`decode_step.py`
+reads a step's block tables). Otherwise attention gathers each sequence's blocks into a
+padded batch and runs scaled_dot_product_attention with a mask. Keys and values are stored
+in the model's dtype, or in FP8 (E4M3) with a scale per layer, which halves the cache of a
+bf16 model.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 
 from mistral_nemo.config import ModelConfig
-from mistral_nemo.kernels.decoder import KVLayout
 from mistral_nemo.model import causal_attention, decode_attention, rope_frequencies
 from mistral_nemo.quant.linear import FP8, FP8_MAX
 
@@ -112,23 +111,6 @@ class PagedStep:
 
     def rope(self, start: int, length: int) -> torch.Tensor:
         return self.cache.freqs[self._batch[0]]
-
-    def decode_layouts(self, start: int) -> list[KVLayout] | None:
-        """A decode step reads the sequences' blocks in place (fp32 caches)."""
-        c = self.cache
-        if self.length != 1:
-            return None
-        if c.kv_dtype != torch.float32 or c.k.device.type != "cpu":
-            return None
-        bs, (kv, hd) = c.block_size, c.k.shape[2:]
-        used = [pos // bs + 1 for pos in self.starts]  # blocks up to the new token's
-        if any(len(t) < n for t, n in zip(self.tables, used, strict=True)):
-            return None  # (the C step writes at `pos` unchecked)
-        blocks = torch.tensor([b for t, n in zip(self.tables, used, strict=True) for b in t[:n]])
-        return [
-            KVLayout(c.k, c.v, kv * hd, hd, c.freqs, pos, table, bs)
-            for pos, table in zip(self.starts, blocks.split(used), strict=True)
-        ]
 
     def attend(
         self, layer: int, start: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor

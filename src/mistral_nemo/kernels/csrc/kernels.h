@@ -1,0 +1,228 @@
+/* CPU kernels for decoding: the one header of pool.c, matmul_float.c, matmul_quant.c,
+ * attention.c, decode_step.c and argmax.c, built together into one library at first use
+ * with -march=native.
+ *
+ * Decoding one token reads every weight once, so its speed is set by memory bandwidth.
+ * torch's bf16 GEMV reaches about 2/3 of it on AVX-512 machines; the products here stream
+ * each weight row once with independent accumulators and keep up with the memory. Rows are
+ * shared by `threads` POSIX threads. Also here: products of up to a few dozen vectors
+ * (`gemv`), and a whole decode step (`decode_step`).
+ */
+#ifndef MISTRAL_NEMO_KERNELS_H
+#define MISTRAL_NEMO_KERNELS_H
+
+#include <limits.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+/* ==== The interface. Python reads from here to the end marker with cffi (kernels/header.py):
+ * the weight kinds, the structs of a decode step and the entry points come from this text
+ * alone, so it holds plain C declarations: no macros, no includes. ==== */
+
+/* The kinds of weights the products take (int4 and int8 weights' dtypes say too little). */
+enum weight_kind { KIND_BF16 = 0, KIND_FP32 = 1, KIND_FP8 = 2, KIND_INT4 = 3, KIND_INT8 = 4 };
+
+typedef struct {
+    enum weight_kind kind;
+    long rows, cols, group; /* group: int4's group size */
+    const void *w;
+    const void *scale;      /* int4: (scale, zero) bf16 [rows, groups, 2]; int8: fp32 [rows];
+                               fp8: fp32, one per row or one for all; bf16, fp32: none */
+    long scales;            /* fp8: how many scales (1 or rows) */
+} linear_t;
+
+typedef struct {
+    const float *attention_norm, *ffn_norm;
+    linear_t qkv[3], wo, gate_up[2], w2; /* q, k, v and gate, up: one fused layer or each */
+    int n_qkv, n_gate_up;
+} layer_t;
+
+typedef struct {
+    int n_layers, dim, hidden, heads, kv, hd;
+    float eps;
+    const layer_t *layers;
+    const float *norm;      /* the final RMSNorm's weight */
+} decoder_t;
+
+typedef struct {            /* where layer 0's keys and values are (see attention_t) */
+    float *k, *v;
+    long layer_stride, slot_stride, head_stride;
+    const long *blocks;     /* a paged cache's block table: position p is in slot
+                               blocks[p / block_size] * block_size + p % block_size; or NULL:
+                               slot p */
+    long block_size;
+} kv_layout_t;
+
+/* The entry points that return a long return 0, or the size in bytes of a scratch
+ * allocation that failed; the outputs are then unset (a decode step's caches may hold some
+ * layers' keys and values at the new positions). */
+
+/* 1 if this build has the vector path for `kind`, else 0 (the scalar loop is too slow). */
+int gemv_vectorized(enum weight_kind kind);
+
+/* Send the workers to sleep now rather than after their spin. */
+void pool_sleep(void);
+
+/* out [batch, rows] = x [batch, cols] @ w^T for bf16, fp32 or fp8 w (x bf16 for bf16 and
+ * fp8). */
+long gemv(const void *w, const void *x, float *out, long rows, long cols, long batch,
+          enum weight_kind kind, int threads);
+
+/* out [batch, rows] = int4 weights @ x [batch, cols]. */
+long gemv_int4(const uint8_t *w, const float *x, const uint16_t *sz, float *out, long rows,
+               long cols, long group, long batch, int threads);
+
+/* out [batch, rows] = row_scale * (int8 weights @ x [batch, cols]); only in builds where
+ * gemv_vectorized(KIND_INT8). */
+long gemv_int8(const int8_t *w, const float *x, const float *row_scale, float *out,
+               long rows, long cols, long batch, int threads);
+
+/* out [rows, cols] = the int4 weights in fp32. */
+void dequantize_int4(const uint8_t *w, const uint16_t *sz, float *out, long rows, long cols,
+                     long group, int threads);
+
+/* out[r] = the index of row r's largest value, as numpy's argmax gives it. */
+void argmax_rows(const float *x, long rows, long cols, long *out, int threads);
+
+/* Every layer of each sequence's new token, and the final norm, in place on x [batch, dim]. */
+long decode_step(const decoder_t *m, long batch, const kv_layout_t *c, const long *pos,
+                 const float *rot, float *x, int threads);
+
+/* ==== End of the interface ==== */
+
+/* ---- The worker pool (pool.c) ---------------------------------------------------------- */
+
+/* Work split in units (rows of a product, tiles, attention spans) that threads claim a
+ * chunk at a time; `each` does units first..end-1. */
+typedef struct {
+    long rows;          /* units 0..rows-1 */
+    long chunk;         /* units per claim (0: CHUNK) */
+    long next;          /* next unclaimed unit, taken `chunk` at a time by all threads */
+    void (*each)(const void *ctx, long first, long end);
+    const void *ctx;
+} job_t;
+
+/* Rows are claimed in small chunks rather than split in equal halves up front, so a thread
+ * slowed by the rest of the machine does not leave the others idle at the end. */
+enum { CHUNK = 64 };
+
+/* Runs `job` on the calling thread and up to threads - 1 workers; returns when it is done. */
+void run_threads(job_t *job, int threads);
+
+/* ---- Scratch memory -------------------------------------------------------------------- */
+
+/* malloc (or calloc, `zeroed`) that, on failure, notes the size asked in *failed (the
+ * first failure of a call: its entry point returns it). */
+static inline void *scratch(size_t count, size_t size, int zeroed, long *failed) {
+    if (size > 0 && count > SIZE_MAX / size) { /* more bytes than there are addresses */
+        if (*failed == 0) *failed = LONG_MAX;
+        return NULL;
+    }
+    void *p = zeroed ? calloc(count, size) : malloc(count * size);
+    if (p == NULL && count * size > 0 && *failed == 0) *failed = (long)(count * size);
+    return p;
+}
+
+/* ---- Numbers shared by the files ------------------------------------------------------- */
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+static inline float dot_f32(const float *w, const float *x, long n) {
+    long c = 0;
+    float tail = 0.f;
+#if defined(__AVX512F__)
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; c + 64 <= n; c += 64) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + c), _mm512_loadu_ps(x + c), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + c + 16), _mm512_loadu_ps(x + c + 16), a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + c + 32), _mm512_loadu_ps(x + c + 32), a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + c + 48), _mm512_loadu_ps(x + c + 48), a3);
+    }
+    for (; c < n; c += 16) { /* the last 1..63 columns, the final block masked */
+        __mmask16 m = n - c >= 16 ? 0xFFFF : (1u << (n - c)) - 1;
+        a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + c), _mm512_maskz_loadu_ps(m, x + c), a0);
+    }
+    tail = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#endif
+    for (; c < n; c++) tail += w[c] * x[c];
+    return tail;
+}
+
+#if defined(__AVX512F__)
+/* e^x for x in [-87, 88]: 2^n e^r with n = round(x / ln 2) and |r| <= ln(2) / 2, e^r by its
+ * Taylor polynomial of degree 6 (relative error ~1e-7, about glibc's expf). */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x); /* ln 2, split */
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+    __m512 p = _mm512_set1_ps(1.f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+/* ---- Attention (attention.c), as the decode step plans and runs it -------------------- */
+
+/* Attention of one new token, all in fp32 (one sequence): out[h] = softmax(q_h . K^T /
+ * sqrt(hd)) V over positions 0..n-1, with the K and V of KV head h / (heads / kv). Position p
+ * of KV head g lives at element offs[p] + g * head_stride of a cache: so one function serves
+ * the contiguous cache [kv, max_len, hd] and the paged pool [slots, kv, hd].
+ *
+ * The work is split by KV head and by spans of positions (as in flash-decoding), so that
+ * each K and V row is read once for all the query heads that share it, and a long context
+ * keeps every thread busy. Each span leaves, per query head, its unnormalized output, its
+ * highest score and its sum of exponentials; the spans are then merged. */
+typedef struct {
+    const float *q, *kc, *vc;
+    const long *offs;
+    long head_stride, n, span, spans;
+    int heads, kv, hd;
+    float *scores; /* [kv * spans, heads / kv, span] */
+    float *part;   /* [kv * spans, heads / kv, hd + 2]: output, highest score, sum */
+} attention_t;
+
+/* The attention of every sequence of a step as one list of jobs: sequence i's are jobs
+ * first[i] .. first[i + 1] - 1. */
+typedef struct {
+    const attention_t *seqs;
+    const long *first;
+    long n;
+} attentions_t;
+
+/* Below this many multiply-adds in all, attention stays on the calling thread; spans are at
+ * least SPAN positions. */
+enum { PARALLEL_ATTENTION = 1 << 16, SPAN = 128 };
+
+/* How sequence `a` (its n, heads, kv and hd set) splits into spans: about four jobs per
+ * thread, of SPAN positions or more. Returns the floats of scratch its jobs need. */
+long plan_spans(attention_t *a, int threads);
+
+/* Jobs first..end-1 of an attentions_t (`each` of a job_t). */
+void attend_jobs(const void *all, long first, long end);
+
+/* out[h] for each sequence's query head h: its spans' outputs merged. */
+void merge_spans(const attention_t *a, float *out);
+
+#endif

@@ -1,0 +1,199 @@
+"""`/v1/chat/completions`: the instruct format in, answers out, streamed or whole; tools and
+`tool_choice`, the calls parsed into OpenAI's shape."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi.responses import Response
+
+from mistral_nemo.engine import CompletionOutput
+from mistral_nemo.sampling import TokenLogprob
+from mistral_nemo.server.async_engine import RequestStream
+from mistral_nemo.server.errors import APIError
+from mistral_nemo.server.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatLogprobs,
+    ChatMessage,
+    ChatTokenLogprob,
+    DeltaMessage,
+    DeltaToolCall,
+    FunctionCall,
+    NamedToolChoice,
+    ToolCall,
+    TopLogprob,
+    Usage,
+)
+from mistral_nemo.server.serving import OpenAIServing
+from mistral_nemo.tokenizer.tool_calls import calls_tools, tool_call_answer, tool_calls_id
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class ChatServing(OpenAIServing):
+    async def create(self, body: ChatCompletionRequest) -> Response:
+        self.check_model(body.model)
+        tools = body.tools or None
+        choice = body.tool_choice or "auto"
+        if tools is None and choice not in ("auto", "none"):
+            raise APIError(400, "tool_choice needs tools", param="tool_choice")
+        prompt = self.tokenizer.encode_chat(body.messages, tools)
+        prefix, banned = self._tool_choice(tools, choice)
+        params = self.sampling_params(
+            body,
+            len(prompt),
+            body.max_completion_tokens or body.max_tokens,
+            (body.top_logprobs or 0) if body.logprobs else None,
+            prefix_token_ids=prefix,
+            banned_token_ids=banned,
+        )
+        stream = await self.engine.submit(prompt, params)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        with_tools = tools is not None and choice != "none"
+        if body.stream:
+            return self.sse(self._chunks(rid, stream, params.n, with_tools, body))
+        final = await self.final_output(stream)
+        return self.json_response(
+            ChatCompletion(
+                id=rid,
+                created=int(time.time()),
+                model=self.model_name,
+                choices=[self._choice(o, with_tools, body.logprobs) for o in final.outputs],
+                usage=Usage(**final.usage),
+            )
+        )
+
+    def _tool_choice(
+        self, tools: list[dict[str, Any]] | None, choice: ToolChoice
+    ) -> tuple[list[int], list[int]]:
+        """tool_choice as constraints on the completion, (prefix ids, banned ids): "none" bans
+        [TOOL_CALLS], "required" starts with it, a named function starts with its call up to
+        the arguments."""
+        if not tools or choice == "auto":
+            return [], []
+        marker = tool_calls_id(self.tokenizer)
+        if marker is None:  # a vocabulary without [TOOL_CALLS] never calls tools
+            if choice == "none":
+                return [], []
+            raise APIError(
+                400,
+                "this model cannot call tools: tool_choice must be auto or none",
+                param="tool_choice",
+            )
+        if not isinstance(choice, NamedToolChoice):
+            return ([], [marker]) if choice == "none" else ([marker], [])
+        name = choice.function.name
+        if name not in {t["function"]["name"] for t in tools}:
+            raise APIError(
+                400,
+                f"tool_choice names {name!r}, which is not among the tools",
+                param="tool_choice",
+            )
+        start = json.dumps([{"name": name, "arguments": 0}])
+        return [marker, *self.tokenizer.encode(start[: start.index("0")].rstrip())], []
+
+    def _choice(self, o: CompletionOutput, with_tools: bool, logprobs: bool) -> ChatChoice:
+        answer = tool_call_answer(self.tokenizer, o.token_ids) if with_tools else None
+        if answer is None:
+            message, finish = ChatMessage(content=o.text), o.finish_reason
+        else:
+            calls = _tool_calls(answer.tool_calls)
+            message, finish = (
+                ChatMessage(content=answer.content or None, tool_calls=calls),
+                "tool_calls",
+            )
+        return ChatChoice(
+            index=o.index,
+            message=message,
+            finish_reason=finish,
+            logprobs=self._logprobs(o.logprobs) if logprobs else None,
+        )
+
+    async def _chunks(
+        self,
+        rid: str,
+        stream: RequestStream,
+        n: int,
+        with_tools: bool,
+        body: ChatCompletionRequest,
+    ) -> AsyncIterator[ChatCompletionChunk]:
+        created = int(time.time())
+
+        def chunk(
+            choices: list[ChatChunkChoice], usage: Usage | None = None
+        ) -> ChatCompletionChunk:
+            return ChatCompletionChunk(
+                id=rid, created=created, model=self.model_name, choices=choices, usage=usage
+            )
+
+        for i in range(n):
+            yield chunk(
+                [ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))]
+            )
+        sent_text = [0] * n  # characters of each choice's text streamed so far
+        sent_logprobs = [0] * n
+        final = None
+        async for out in stream:
+            final = out
+            for o in out.outputs:
+                # Once a choice calls tools, its text is the calls' JSON: hold it back until
+                # they can be parsed whole, at the end.
+                in_call = with_tools and calls_tools(self.tokenizer, o.token_ids)
+                delta = DeltaMessage(content=None if in_call else o.delta or None)
+                finish = o.finish_reason
+                if finish is not None and in_call:
+                    answer = tool_call_answer(self.tokenizer, o.token_ids)
+                    if answer is None:  # not valid calls: the held-back text, as it is
+                        delta.content = o.text[sent_text[o.index] :]
+                    else:
+                        delta.tool_calls = [
+                            DeltaToolCall(index=k, **c.model_dump())
+                            for k, c in enumerate(_tool_calls(answer.tool_calls))
+                        ]
+                        finish = "tool_calls"
+                if not (delta.content or delta.tool_calls or finish):
+                    continue
+                choice = ChatChunkChoice(index=o.index, delta=delta, finish_reason=finish)
+                if body.logprobs and o.logprobs is not None:
+                    choice.logprobs = self._logprobs(o.logprobs[sent_logprobs[o.index] :])
+                    sent_logprobs[o.index] = len(o.logprobs)
+                sent_text[o.index] += len(delta.content or "")
+                yield chunk([choice])
+        if body.include_usage and final is not None:
+            yield chunk([], Usage(**final.usage))
+
+    def _logprobs(self, lps: list[TokenLogprob] | None) -> ChatLogprobs | None:
+        if lps is None:
+            return None
+
+        def top(token: int, logprob: float) -> TopLogprob:
+            piece = self.tokenizer.token_bytes(token)
+            return TopLogprob(
+                token=self.tokenizer.id_to_piece(token), logprob=logprob, bytes=list(piece)
+            )
+
+        return ChatLogprobs(
+            content=[
+                ChatTokenLogprob(
+                    **top(x.token_id, x.logprob).model_dump(),
+                    top_logprobs=[top(t, v) for t, v in x.top.items()],
+                )
+                for x in lps
+            ]
+        )
+
+
+def _tool_calls(calls: list[dict[str, str]]) -> list[ToolCall]:
+    """Parsed calls ({"id", "name", "arguments"}) in OpenAI's shape."""
+    return [
+        ToolCall(id=c["id"], function=FunctionCall(name=c["name"], arguments=c["arguments"]))
+        for c in calls
+    ]

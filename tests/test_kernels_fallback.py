@@ -1,0 +1,76 @@
+"""Without the kernels (turned off, or a library built for a machine without AVX-512) the
+package imports and generates through torch, the same greedy tokens as with them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mistral_nemo import kernels
+from mistral_nemo.kernels.build import DEFAULT_FLAGS, FLAGS_VARIABLE
+
+# A fresh interpreter: the kernels' library is chosen once per process. The model is one
+# the C decode step takes (fp32, GQA, head_dim != dim / heads).
+GENERATE = """
+import json
+
+import torch
+
+import mistral_nemo
+from mistral_nemo import ModelConfig, Transformer, kernels
+from mistral_nemo.generate import generate
+
+config = ModelConfig(
+    dim=256, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=48, hidden_dim=384,
+    vocab_size=512, max_seq_len=64,
+)
+torch.manual_seed(0)
+model = Transformer(config).eval()
+tokens = list(generate(model, [5, 77, 300, 12, 9, 401], max_tokens=12, temperature=0))
+available = {kind.name: kernels.available(kind) for kind in kernels.WeightKind}
+print(json.dumps({"tokens": tokens, "available": available}))
+"""
+
+
+def run(**env: str) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-c", GENERATE],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def with_kernels() -> dict:
+    if not kernels.available(torch.float32):
+        pytest.skip("no vectorized kernels on this machine: nothing to fall back from")
+    out = run()
+    assert out["available"]["FP32"]
+    return out
+
+
+def test_turned_off_by_environment(with_kernels):
+    out = run(MISTRAL_NEMO_CPU_KERNELS="0")
+    assert not any(out["available"].values())
+    assert out["tokens"] == with_kernels["tokens"]
+
+
+def test_a_build_without_avx512(with_kernels, tmp_path):
+    """The library of a machine without AVX-512: it builds and loads, and says that no
+    kind has a vectorized kernel (so torch does every product)."""
+    out = run(
+        **{FLAGS_VARIABLE: f"{DEFAULT_FLAGS} -mno-avx512f"},
+        XDG_CACHE_HOME=str(tmp_path),  # a build of its own, not left in the user's cache
+    )
+    assert list(tmp_path.glob("mistral-nemo/kernels-*.so"))
+    assert not any(out["available"].values())
+    assert out["tokens"] == with_kernels["tokens"]
