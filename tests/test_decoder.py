@@ -102,7 +102,9 @@ class Paged:
 @pytest.mark.parametrize("cache", [Contiguous, Paged])
 def test_decode_step_matches_the_modules(checkpoint, scheme, cache):
     if scheme != "fp32" and not kernels.available(
-        {"int8": kernels.INT8, "int4": kernels.INT4}.get(scheme, torch.float8_e4m3fn)
+        {"int8": kernels.WeightKind.INT8, "int4": kernels.WeightKind.INT4}.get(
+            scheme, torch.float8_e4m3fn
+        )
     ):
         pytest.skip("no kernel for this scheme here")
     model = load(checkpoint, scheme)

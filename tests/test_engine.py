@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from mistral_nemo import InvalidRequestError, ModelConfig, Transformer
 from mistral_nemo.engine import LLM, SamplingParams
-from mistral_nemo.runtime.paged import PagedKVCache
 from mistral_nemo.generate import generate
+from mistral_nemo.runtime.paged import PagedKVCache
 from mistral_nemo.tokenizer import Tokenizer
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)

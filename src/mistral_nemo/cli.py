@@ -78,7 +78,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from mistral_nemo.checkpoint import convert_checkpoint, export_gguf
+    from mistral_nemo.checkpoint import convert_checkpoint
+    from mistral_nemo.checkpoint.gguf_export import export_gguf
 
     if args.to == "gguf":
         export_gguf(args.src, args.dst, args.type, progress=True)
@@ -265,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.set_defaults(func=cmd_init_random)
+
+    p = verbs.add_parser("eval", help="score a model: perplexity, tasks, long context")
+    tasks = p.add_subparsers(dest="task", required=True)  # noqa: F841 (each eval adds its own)
     return parser
 
 

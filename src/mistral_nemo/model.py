@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mistral_nemo.checkpoint import load_model, save_model
 from mistral_nemo.config import ModelConfig
 from mistral_nemo.errors import InvalidRequestError
 
@@ -277,8 +278,6 @@ class Transformer(nn.Module):
         `quantize` ("fp8", "fp8-channel", "int8", "int4") quantizes the linear layers as
         they are read, one tensor at a time.
         """
-        from mistral_nemo.checkpoint import load_model
-
         return load_model(
             path,
             cls,
@@ -293,6 +292,4 @@ class Transformer(nn.Module):
         self, path: str | Path, layout: str = "mistral", progress: bool = False
     ) -> None:
         """Write a checkpoint folder in `layout` ("mistral" or "hf"), atomically."""
-        from mistral_nemo.checkpoint import save_model
-
         save_model(self, path, layout=layout, progress=progress)

@@ -37,6 +37,11 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # top alternatives to report per generated token
+    # Scoring (evaluation): the logprob of each prompt token from `prompt_logprobs_from` on,
+    # with this many top alternatives; the prefix cache then serves only the tokens before
+    # it. With prompt_logprobs, max_tokens may be 0: score the prompt, generate nothing.
+    prompt_logprobs: int | None = None
+    prompt_logprobs_from: int = 1
     # Constrained generation (the server's tool_choice): tokens the completion must start
     # with, and tokens it may never produce.
     prefix_token_ids: list[int] = field(default_factory=list)
@@ -53,7 +58,8 @@ class SamplingParams:
             (self.top_k >= 0, f"top_k must be >= 0 or -1, got {self.top_k}"),
             (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
             (
-                isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+                isinstance(self.max_tokens, int)
+                and self.max_tokens >= (0 if self.prompt_logprobs is not None else 1),
                 f"max_tokens must be a positive integer, got {self.max_tokens!r}",
             ),
             (isinstance(self.n, int) and 1 <= self.n <= 128, f"n must be in 1..128, got {self.n}"),
@@ -72,6 +78,14 @@ class SamplingParams:
             (
                 self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
                 f"logprobs must be in 0..{MAX_LOGPROBS}, got {self.logprobs}",
+            ),
+            (
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+                f"prompt_logprobs must be in 0..{MAX_LOGPROBS}, got {self.prompt_logprobs}",
+            ),
+            (
+                self.prompt_logprobs_from >= 1,
+                f"prompt_logprobs_from must be >= 1, got {self.prompt_logprobs_from}",
             ),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
         ]
@@ -92,6 +106,11 @@ class SamplingParams:
             raise InvalidRequestError("the prompt is empty")
         if min(prompt) < 0 or max(prompt) >= vocab_size:
             raise InvalidRequestError(f"prompt token ids must be in 0..{vocab_size - 1}")
+        if self.prompt_logprobs is not None and self.prompt_logprobs_from >= len(prompt):
+            raise InvalidRequestError(
+                f"prompt_logprobs_from {self.prompt_logprobs_from} leaves no token of the "
+                f"prompt of {len(prompt)} tokens to score"
+            )
         if len(prompt) + self.max_tokens > context:
             raise InvalidRequestError(
                 f"prompt of {len(prompt)} tokens plus max_tokens {self.max_tokens} exceeds "
@@ -205,6 +224,24 @@ def apply_min_p(logits: torch.Tensor, min_p: float, temperature: float) -> torch
     return logits.masked_fill(logits < cutoff, float("-inf"))
 
 
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprob]:
+    """The logprob of each row's token (logits [rows, vocab], tokens [rows]) and of its `top`
+    most likely alternatives."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(-1, tokens[:, None].to(lp.device))[:, 0].tolist()
+    best = torch.topk(lp, top) if top else None
+    return [
+        TokenLogprob(
+            int(token),
+            chosen[i],
+            dict(zip(best.indices[i].tolist(), best.values[i].tolist(), strict=True))
+            if best is not None
+            else {},
+        )
+        for i, token in enumerate(tokens.tolist())
+    ]
+
+
 def sample_batch(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
@@ -236,13 +273,10 @@ def sample_batch(
     wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
     if wanted:
         # Logprobs of the model's distribution (after penalties, before temperature).
-        lp = torch.log_softmax(logits[wanted], dim=-1)
-        for j, i in enumerate(wanted):
+        top = max(params[i].logprobs or 0 for i in wanted)
+        found = token_logprobs(logits[wanted], torch.tensor([tokens[i] for i in wanted]), top)
+        for i, record in zip(wanted, found, strict=True):
             k = params[i].logprobs or 0
-            top = torch.topk(lp[j], k) if k else None
-            logprobs[i] = TokenLogprob(
-                tokens[i],
-                float(lp[j, tokens[i]]),
-                dict(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top else {},
-            )
+            record.top = dict(list(record.top.items())[:k])
+            logprobs[i] = record
     return tokens, logprobs

@@ -22,7 +22,7 @@ from mistral_nemo.errors import InvalidRequestError
 from mistral_nemo.model import Transformer
 from mistral_nemo.runtime import ModelRunner
 from mistral_nemo.runtime.paged import PagedKVCache
-from mistral_nemo.sampling import SamplingParams, TokenLogprob, sample_batch
+from mistral_nemo.sampling import SamplingParams, TokenLogprob, sample_batch, token_logprobs
 from mistral_nemo.tokenizer.base import BaseTokenizer, StreamDecoder
 
 
@@ -63,6 +63,9 @@ class Request:
     prompt: list[int]
     params: SamplingParams
     sequences: list[Sequence] = field(default_factory=list)
+    # With params.prompt_logprobs: the logprob of each prompt token (None before
+    # params.prompt_logprobs_from), filled in by its first sequence's prefill.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -123,6 +126,8 @@ class Engine:
                 f"fit the KV cache ({self.pool.num_blocks * self.block_size} tokens)"
             )
         request = Request(request_id, list(prompt), params)
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None] * len(prompt)
         for i in range(params.n):
             generator = None
             if params.seed is not None:
@@ -171,18 +176,67 @@ class Engine:
         for s, n in chunks:
             step = self.cache.step([s.blocks], [s.computed], n)
             tokens = torch.tensor([s.tokens[s.computed : s.computed + n]], device=device)
-            prefills.append((tokens, step, s.pending == n))
+            prefills.append((tokens, step, self._rows_wanted(s, n)))
         logits = self.runner.step(decode_input, prefills)
         for s in decode:
             s.computed += 1
-        for s, n in chunks:
+        # The rows of `logits`: the decoding sequences', then each chunk's `wanted` last.
+        sampled, rows = list(decode), list(range(len(decode)))
+        advanced: dict[str, Request] = {}
+        at = len(decode)
+        for (s, n), (_, _, wanted) in zip(chunks, prefills, strict=True):
+            if wanted and s.request.prompt_logprobs is not None and s.index == 0:
+                assert logits is not None
+                self._score_prompt(s, s.computed + n - wanted, logits[at : at + wanted])
+                advanced[s.request.request_id] = s.request
             s.computed += n
+            if s.pending == 0 and len(s.output) < s.request.params.max_tokens:
+                sampled.append(s)
+                rows.append(at + wanted - 1)
+            elif s.pending == 0:  # a prompt scored, nothing to generate
+                self._finish(s, "length")
+                advanced[s.request.request_id] = s.request
+            at += wanted
         for s in [*decode, *(c[0] for c in chunks)]:
             self._register_full_blocks(s)
-        if logits is None:
-            return []
-        seqs = [*decode, *(s for s, n in chunks if s.pending == 0)]
-        return [self._output(r) for r in self._sample(seqs, logits)]
+        if sampled:
+            assert logits is not None
+            if len(rows) < at:  # (copying a step's logits costs ~1 ms: only when needed)
+                logits = logits[rows]
+            for request in self._sample(sampled, logits):
+                advanced[request.request_id] = request
+        return [self._output(r) for r in advanced.values()]
+
+    def _rows_wanted(self, seq: Sequence, n: int) -> int:
+        """How many of a prompt chunk's last positions need logits: the last one where the
+        chunk ends the tokens (to sample the next), and each from prompt_logprobs_from - 1
+        on where the prompt is scored (position p predicts prompt token p + 1)."""
+        params, end = seq.request.params, seq.computed + n
+        wanted = int(seq.pending == n and len(seq.output) < params.max_tokens)
+        if seq.request.prompt_logprobs is not None and seq.index == 0:
+            first = max(seq.computed, params.prompt_logprobs_from - 1)
+            if first < min(end, len(seq.request.prompt) - 1):
+                wanted = end - first
+        return wanted
+
+    def _score_prompt(self, seq: Sequence, first: int, logits: torch.Tensor) -> None:
+        """Logprobs of the prompt tokens that the logits of positions first.. predict."""
+        request = seq.request
+        assert request.prompt_logprobs is not None
+        start = max(first, request.params.prompt_logprobs_from - 1)
+        stop = min(first + len(logits), len(request.prompt) - 1)
+        if start >= stop:
+            return
+        targets = torch.tensor(request.prompt[start + 1 : stop + 1])
+        found = token_logprobs(
+            logits[start - first : stop - first], targets, request.params.prompt_logprobs or 0
+        )
+        request.prompt_logprobs[start + 1 : stop + 1] = found
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        self.running.remove(seq)
+        self._free(seq)
 
     def _schedule(self) -> tuple[list[Sequence], list[tuple[Sequence, int]]]:
         decode = []
@@ -245,9 +299,13 @@ class Engine:
 
     def _match_prefix(self, seq: Sequence) -> None:
         """Take the cached blocks of this sequence's longest cached prefix (always leaving
-        its last token to compute, since its logits are needed)."""
+        its last token to compute, since its logits are needed, and every position whose
+        logits score the prompt)."""
         tokens, bs = seq.tokens, self.block_size
-        while (len(seq.blocks) + 1) * bs <= len(tokens) - 1:
+        limit = len(tokens) - 1
+        if seq.request.prompt_logprobs is not None and seq.index == 0:
+            limit = min(limit, seq.request.params.prompt_logprobs_from - 1)
+        while (len(seq.blocks) + 1) * bs <= limit:
             i = len(seq.blocks)
             h = block_hash(seq.hashes[-1] if seq.hashes else None, tokens[i * bs : (i + 1) * bs])
             block = self.pool.lookup(h)
@@ -298,14 +356,11 @@ class Engine:
             )
         if params.stop and (cut := _find_stop(seq.text, params.stop, seq.sent)) is not None:
             seq.text = seq.text[:cut]
-            seq.finish_reason = "stop"
+            self._finish(seq, "stop")
         elif token in stop_ids or len(seq.output) >= params.max_tokens:
-            seq.finish_reason = "stop" if token in stop_ids else "length"
             if seq.decoder is not None:
                 seq.text += seq.decoder.flush()
-        if seq.finish_reason is not None:
-            self.running.remove(seq)
-            self._free(seq)
+            self._finish(seq, "stop" if token in stop_ids else "length")
 
     def _output(self, request: Request) -> RequestOutput:
         outputs = []
@@ -326,7 +381,9 @@ class Engine:
         finished = request.finished
         if finished:
             self.requests.pop(request.request_id, None)
-        return RequestOutput(request.request_id, request.prompt, outputs, finished)
+        return RequestOutput(
+            request.request_id, request.prompt, outputs, finished, request.prompt_logprobs
+        )
 
 
 def _find_stop(text: str, stops: list[str], since: int) -> int | None:

@@ -24,6 +24,8 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool = False
+    # With SamplingParams.prompt_logprobs: each prompt token's, None where not scored.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def usage(self) -> dict[str, int]:

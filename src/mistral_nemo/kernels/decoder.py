@@ -125,6 +125,7 @@ class Decoder:
                 "hd": head_dim, "eps": eps, "layers": self._layers, "norm": self._pointer(norm),
             },
         )  # fmt: skip
+        self._decoder_address = address(self._decoder)
         self.dim = dim
         # How many sequences one call takes while its products beat torch's; more go in
         # calls of max_batch (at par with torch's products or better, and no gathering of the
@@ -227,7 +228,7 @@ class Decoder:
         else:
             rotations = torch.stack([torch.view_as_real(c.freqs[c.pos]) for c in caches])
         failed = lib.decode_step(
-            address(self._decoder), batch, address(layouts), address(positions),
+            self._decoder_address, batch, address(layouts), address(positions),
             rotations.data_ptr(), out.data_ptr(), threads(),
         )  # fmt: skip
         check_allocation("decode_step", failed)

@@ -173,7 +173,9 @@ class Int8Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (rows := _few_rows(x, self.in_features)) is not None and kernels.available(kernels.INT8):
+        if (rows := _few_rows(x, self.in_features)) is not None and kernels.available(
+            kernels.WeightKind.INT8
+        ):
             out = kernels.gemv_int8(self.weight, self.weight_scale, rows)
             return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
         x2 = x.reshape(-1, self.in_features)
@@ -212,7 +214,9 @@ class Int4Linear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (rows := _few_rows(x, self.in_features)) is not None and kernels.available(kernels.INT4):
+        if (rows := _few_rows(x, self.in_features)) is not None and kernels.available(
+            kernels.WeightKind.INT4
+        ):
             out = kernels.gemv_int4(self.weight, self.scales_zeros, self.group_size, rows)
             return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return tiled_linear(x, self.out_features, self._dequantize)

@@ -85,23 +85,24 @@ class ModelRunner:
     def step(
         self,
         decode: tuple[torch.Tensor, PagedStep] | None,
-        prefills: Sequence[tuple[torch.Tensor, PagedStep, bool]],
+        prefills: Sequence[tuple[torch.Tensor, PagedStep, int]],
     ) -> torch.Tensor | None:
         """One serving step: a new token of each decoding sequence (tokens [n, 1] and their
-        paged step), then chunks of prompts ([1, len] each, their step, and whether the
-        chunk ends its prompt). Logits [rows, vocab] in fp32 of the decoding sequences and
-        of the prompts that ended, in that order, from one LM head product (sixteen prompts
-        ending together had cost 16); None if there are no such rows."""
+        paged step), then chunks of prompts ([1, len] each, their step, and how many of the
+        chunk's last positions need logits: 1 where it ends its prompt, more to score the
+        prompt). Logits [rows, vocab] in fp32 of the decoding sequences, then of each chunk's
+        rows, in that order, from one LM head product (sixteen prompts ending together had
+        cost 16); None if no row is wanted."""
         rows: list[torch.Tensor] = []
         if decode is not None:
             tokens, step = decode
             rows.append(self.hidden(tokens, cache=step)[:, -1])
             if prefills:
                 before_large_ops()
-        for tokens, cache, ends in prefills:
-            hidden = self.model.hidden(tokens, cache=cache, last_only=True)[:, -1]
-            if ends:
-                rows.append(hidden)
+        for tokens, cache, wanted in prefills:
+            hidden = self.model.hidden(tokens, cache=cache, last_only=wanted == 1)
+            if wanted:
+                rows.append(hidden[0, -wanted:])
         if not rows:
             return None
         return self.model.output(rows[0] if len(rows) == 1 else torch.cat(rows)).float()
