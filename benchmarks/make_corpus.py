@@ -85,7 +85,7 @@ def module_text(name: str) -> str:
 
 
 def build() -> str:
-    version = "%d.%d" % PYTHON
+    version = ".".join(map(str, PYTHON))
     header = textwrap.fill(HEADER.format(version=version, modules=", ".join(MODULES)), 88)
     return "\n\n".join([header + "\n", *(module_text(m).strip("\n") + "\n" for m in MODULES)])
 
@@ -95,7 +95,9 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="fail if the file differs")
     args = parser.parse_args()
     if sys.version_info[:2] != PYTHON:
-        sys.exit(f"run this with Python {PYTHON[0]}.{PYTHON[1]}: pydoc's text is that of its stdlib")
+        sys.exit(
+            f"run this with Python {PYTHON[0]}.{PYTHON[1]}: pydoc's text is that of its stdlib"
+        )
     text = build()
     if args.check:
         if CORPUS.read_text(encoding="utf-8") != text:

@@ -305,3 +305,51 @@ def test_fp8_kv_cache_halves_memory_and_keeps_logits_close(tiny_mistral, tok):
     assert fp8.kv_cache_bytes == bf16.kv_cache_bytes
     out = fp8.generate(["Hello"], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 5
+
+
+def test_prompt_logprobs_are_the_full_forwards_log_softmax(model, tok):
+    """Scoring a prompt (evaluation): the logprob of each prompt token from
+    prompt_logprobs_from on, as log_softmax of the plain forward pass gives it, across
+    chunked prefill; with max_tokens 0 nothing is generated."""
+    prompt = prompts(1, seed=7)[0] + prompts(1, seed=8)[0]
+    llm = LLM(model, tok, kv_cache_memory="16MiB", max_num_batched_tokens=64)
+    params = SamplingParams(max_tokens=0, prompt_logprobs=2, prompt_logprobs_from=5)
+    out = llm.generate([prompt], params)[0]
+    assert out.outputs[0].token_ids == [] and out.outputs[0].finish_reason == "length"
+    with torch.inference_mode():
+        reference = F.log_softmax(model(torch.tensor([prompt]))[0].float(), dim=-1)
+    got = out.prompt_logprobs
+    assert got is not None and got[:5] == [None] * 5
+    for j in range(5, len(prompt)):
+        record = got[j]
+        assert record is not None and record.token_id == prompt[j]
+        assert abs(record.logprob - float(reference[j - 1, prompt[j]])) < 1e-4
+        assert list(record.top) == torch.topk(reference[j - 1], 2).indices.tolist()
+
+
+def test_scored_continuations_share_their_context_through_the_prefix_cache(model, tok):
+    context = prompts(1, seed=9)[0] * 2
+    choices = [[2000, 2001, 2002], [3000], [4000, 4001]]
+    llm = LLM(model, tok, kv_cache_memory="16MiB", block_size=16)
+    params = SamplingParams(max_tokens=0, prompt_logprobs=0, prompt_logprobs_from=len(context))
+    first = llm.generate([context + choices[0]], params)[0]
+    hits_before = llm.engine.pool.hits
+    rest = llm.generate([context + c for c in choices[1:]], params)
+    assert llm.engine.pool.hits - hits_before >= 2 * (len(context) // 16 - 1)
+    with torch.inference_mode():
+        for choice, out in zip(choices, [first, *rest], strict=True):
+            full = context + choice
+            reference = F.log_softmax(model(torch.tensor([full]))[0].float(), dim=-1)
+            expected = [float(reference[j - 1, full[j]]) for j in range(len(context), len(full))]
+            got = [r.logprob for r in out.prompt_logprobs[len(context) :]]
+            assert got == pytest.approx(expected, abs=1e-4)
+
+
+def test_prompt_logprobs_settings_are_checked(model, tok):
+    llm = LLM(model, tok, kv_cache_memory="16MiB")
+    with pytest.raises(InvalidRequestError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(InvalidRequestError, match="leaves no token"):
+        llm.generate(
+            [[5, 6, 7]], SamplingParams(max_tokens=0, prompt_logprobs=0, prompt_logprobs_from=3)
+        )

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from llama_cpp_oracle import load_llama
 from test_tokenizer import CORPUS
 from torch.nn import Linear
 
@@ -43,23 +44,9 @@ PROMPTS = [
 
 
 def llama(path: Path, **kwargs):
-    """llama.cpp with float32 KV cache (its default f16 cache alone moves logits ~1e-3) and
-    without its extra CPU buffer types: some 0.3.36 builds crash in the AMX one of those on
-    this CPU, and plain buffers take the same arithmetic path on every build."""
-    defaults = llama_cpp.llama_cpp.llama_model_default_params
-
-    def plain_buffers():
-        params = defaults()
-        params.use_extra_bufts = False
-        return params
-
-    llama_cpp.llama_cpp.llama_model_default_params = plain_buffers
-    try:
-        return llama_cpp.Llama(
-            str(path), n_ctx=512, n_threads=2, verbose=False, type_k=0, type_v=0, **kwargs
-        )
-    finally:
-        llama_cpp.llama_cpp.llama_model_default_params = defaults
+    """llama.cpp with float32 KV cache (its default f16 cache alone moves logits ~1e-3), on
+    plain CPU buffers (`load_llama`)."""
+    return load_llama(path, n_ctx=512, n_threads=2, type_k=0, type_v=0, **kwargs)
 
 
 def llama_logits(path: Path, ids: list[int]) -> np.ndarray:

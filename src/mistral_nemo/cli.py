@@ -147,6 +147,51 @@ def cmd_chat(args: argparse.Namespace) -> None:
     run_chat(llm, params, args.system)
 
 
+def cmd_eval_choice(args: argparse.Namespace) -> None:
+    from mistral_nemo.eval import tasks
+
+    questions = tasks.read_questions(args.file)[: args.limit]
+    shots = tasks.read_questions(args.dev)[: args.shots] if args.dev and args.shots else []
+    result = tasks.run_multiple_choice(_load_llm(args), questions, shots, progress=True)
+    _report_task(args, result.summary())
+
+
+def cmd_eval_generation(args: argparse.Namespace) -> None:
+    from mistral_nemo.eval import tasks
+
+    examples = tasks.read_generation_examples(args.file)[: args.limit]
+    shots = (
+        tasks.read_generation_examples(args.dev)[: args.shots] if args.dev and args.shots else []
+    )
+    result = tasks.run_generation(
+        _load_llm(args), examples, shots, args.max_tokens, args.stop or ["\n\n"], args.regex
+    )
+    _report_task(args, result.summary())
+
+
+def _report_task(args: argparse.Namespace, summary: dict[str, Any]) -> None:
+    from mistral_nemo.eval.report import write_json
+
+    summary = {
+        "task": args.file,
+        "model": str(_model_path(args)),
+        "shots": args.shots,
+        "quantize": args.quantize,
+        "kv_cache_dtype": args.kv_cache_dtype,
+        **summary,
+    }
+    shown = (f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in summary.items())
+    print("  ".join(shown))
+    if args.json:
+        write_json(args.json, summary)
+
+
+def cmd_eval_lm_eval(args: argparse.Namespace) -> None:
+    from mistral_nemo.eval.lm_eval_adapter import run_lm_eval_cli
+
+    run_lm_eval_cli(args.lm_eval_args)
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
@@ -157,6 +202,64 @@ def cmd_serve(args: argparse.Namespace) -> None:
     app = create_app(llm, name, api_key=args.api_key)
     print(f"serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+def cmd_eval_perplexity(args: argparse.Namespace) -> None:
+    from mistral_nemo.eval.perplexity import perplexity
+
+    result = perplexity(
+        _model_path(args),
+        args.file,
+        ctx=args.ctx,
+        batch=args.batch,
+        stride=args.stride,
+        dtype=_dtype(args.dtype),
+        device=args.device,
+        quantize=args.quantize,
+        group_size=args.group_size,
+        kv_cache_dtype=args.kv_cache_dtype,
+        chunks=args.chunks,
+        progress=True,
+    )
+    print(result.summary())
+    if args.json:
+        result.save_json(args.json)
+        print(f"wrote {args.json}", file=sys.stderr)
+
+
+def cmd_eval_needle(args: argparse.Namespace) -> None:
+    from mistral_nemo.eval.needle import run_needle, save_report
+
+    report = run_needle(
+        _load_llm(args),
+        None if args.lengths == "auto" else [int(n) for n in args.lengths.split(",")],
+        [float(d) for d in args.depths.split(",")],
+        samples=args.samples,
+        seed=args.seed,
+        chat=args.chat,
+        max_tokens=args.max_tokens,
+        settings={"quantize": args.quantize},
+    )
+    for depth, row in zip(report["depths"], report["scores"], strict=True):
+        print(f"depth {depth:.2f}: " + "  ".join(f"{s:4.0%}" for s in row))
+    name = "needle-" + ("demo" if args.model is None else Path(args.model).stem)
+    paths = save_report(report, args.out, name)
+    print(
+        f"lengths {report['lengths']}, mean {report['mean_score']:.0%}, "
+        f"{report['seconds']:.0f} s; wrote {', '.join(map(str, paths))}",
+        file=sys.stderr,
+    )
+
+
+def _add_task_options(p: argparse.ArgumentParser) -> None:
+    _add_loading_options(p)
+    p.add_argument("file", help="the task's JSONL file (see mistral_nemo/eval/tasks.py)")
+    p.add_argument("--dev", default=None, help="JSONL of solved examples for --shots")
+    p.add_argument("--shots", type=int, default=0, help="solved examples before each one")
+    p.add_argument("--limit", type=int, default=None, help="only the first N examples")
+    p.add_argument("--kv-cache-memory", default=None, help="e.g. 4GiB (default: 30%% of free)")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
+    p.add_argument("--json", default=None, help="also write the results to this file")
 
 
 def _add_loading_options(p: argparse.ArgumentParser) -> None:
@@ -268,7 +371,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_init_random)
 
     p = verbs.add_parser("eval", help="score a model: perplexity, tasks, long context")
-    tasks = p.add_subparsers(dest="task", required=True)  # noqa: F841 (each eval adds its own)
+    tasks = p.add_subparsers(dest="task", required=True)
+    p = tasks.add_parser("choice", help="log-likelihood multiple choice from a JSONL file")
+    _add_task_options(p)
+    p.set_defaults(func=cmd_eval_choice)
+    p = tasks.add_parser("generation", help="greedy answers from a JSONL file, exact match")
+    _add_task_options(p)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--stop", action="append", default=None, help="stop string (default: \\n\\n)")
+    p.add_argument("--regex", default=None, help="score the first group of this in the answer")
+    p.set_defaults(func=cmd_eval_generation)
+    p = tasks.add_parser(
+        "lm-eval",
+        help="lm-evaluation-harness's command line, with `--model mistral-nemo` registered",
+        add_help=False,
+    )
+    p.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_eval_lm_eval)
+    p = tasks.add_parser(
+        "perplexity", help="perplexity and bits per byte on a text file (llama.cpp's protocol)"
+    )
+    _add_loading_options(p)
+    p.add_argument("file", help="UTF-8 text, e.g. the package's eval/data/corpus.txt")
+    p.add_argument("--ctx", type=int, default=512, help="tokens per chunk (or window)")
+    p.add_argument("--batch", type=int, default=4, help="chunks per forward pass")
+    p.add_argument(
+        "--stride",
+        type=int,
+        default=None,
+        help="sliding windows moved by this many tokens, each token scored once "
+        "(default: llama.cpp's chunks, their second halves scored)",
+    )
+    p.add_argument("--chunks", type=int, default=None, help="evaluate the first N chunks alone")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the result here")
+    p.set_defaults(func=cmd_eval_perplexity)
+    p = tasks.add_parser(
+        "needle", help="needle in a haystack: retrieval across context length and depth"
+    )
+    _add_loading_options(p)
+    p.add_argument(
+        "--lengths",
+        default="auto",
+        help="prompt lengths in tokens, comma-separated (auto: powers of two from 1024 and "
+        "the longest the context allows)",
+    )
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths, 0 to 1")
+    p.add_argument("--samples", type=int, default=1, help="needles per cell")
+    p.add_argument("--seed", type=int, default=0, help="draws the needles")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--max-tokens", type=int, default=24, help="answer tokens")
+    p.add_argument("--kv-cache-memory", default=None, help="e.g. 4GiB (default: 30%% of free)")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
+    p.add_argument("--out", default=".", help="folder for needle-MODEL.json and .png")
+    p.set_defaults(func=cmd_eval_needle)
     return parser
 
 

@@ -180,6 +180,7 @@ class Engine:
         logits = self.runner.step(decode_input, prefills)
         for s in decode:
             s.computed += 1
+            self._register_full_blocks(s)
         # The rows of `logits`: the decoding sequences', then each chunk's `wanted` last.
         sampled, rows = list(decode), list(range(len(decode)))
         advanced: dict[str, Request] = {}
@@ -190,6 +191,7 @@ class Engine:
                 self._score_prompt(s, s.computed + n - wanted, logits[at : at + wanted])
                 advanced[s.request.request_id] = s.request
             s.computed += n
+            self._register_full_blocks(s)
             if s.pending == 0 and len(s.output) < s.request.params.max_tokens:
                 sampled.append(s)
                 rows.append(at + wanted - 1)
@@ -197,8 +199,6 @@ class Engine:
                 self._finish(s, "length")
                 advanced[s.request.request_id] = s.request
             at += wanted
-        for s in [*decode, *(c[0] for c in chunks)]:
-            self._register_full_blocks(s)
         if sampled:
             assert logits is not None
             if len(rows) < at:  # (copying a step's logits costs ~1 ms: only when needed)
