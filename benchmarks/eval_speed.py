@@ -3,7 +3,7 @@ same protocol (llama.cpp's: chunks of --ctx from an empty cache, their second ha
 on the same tokens of the package's corpus, same thread count.
 
     python benchmarks/eval_speed.py [--ctx 512] [--chunks 8 | --all] [--threads 2]
-                                    [--batch 1,4,8] [--repeats 2]
+                                    [--batch 1,4,8] [--repeats 2] [--llama-f32]
 
 Model: the demo GGUF (SmolLM2-135M-Instruct, Q4_1). Ours loads it dequantized to fp32 (as
 transformers does) and runs `evaluate_perplexity` with each --batch (chunks per forward).
@@ -11,16 +11,19 @@ llama.cpp runs the Q4_1 file natively as `llama-perplexity -c CTX -b CTX` does: 
 decode, logits requested for the scored positions alone, its default f16 KV cache.
 transformers runs the same [batch, ctx] forwards with `logits_to_keep`. Each prints its
 perplexity too: ours and transformers' agree to 4+ digits, llama.cpp's differs by its
-8-bit rounding of activations (see tests/test_perplexity.py). Best of --repeats runs,
-alternating.
+8-bit rounding of activations, which `--llama-f32` takes out (llama.cpp on a float32 copy,
+float32 KV cache). Best of --repeats runs, alternating. `--all --repeats 1 --llama-f32`
+gives the three perplexities of the whole corpus.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,7 +33,7 @@ from mistral_nemo import Transformer
 from mistral_nemo.demo import demo_model_path
 from mistral_nemo.eval.perplexity import CORPUS, evaluate_perplexity
 from mistral_nemo.tokenizer import load_tokenizer
-from tests.llama_cpp_oracle import load_llama
+from tests.llama_cpp_oracle import float32_copy, load_llama
 
 Run = Callable[[], tuple[float, float]]  # -> (perplexity, seconds)
 
@@ -42,16 +45,19 @@ def chunk_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return log_z - logits[np.arange(len(targets)), targets]
 
 
-def llama_cpp_run(path, tokens: list[int], ctx: int, n_chunks: int, threads: int) -> Run:
+def llama_cpp_run(
+    path: Path, tokens: list[int], ctx: int, n_chunks: int, threads: int, **kv: int
+) -> Run:
     """llama-perplexity's loop through llama.cpp's C API: per chunk, clear the memory,
     decode ctx tokens with logits for positions ctx/2.. only, score them."""
     import llama_cpp
 
-    ll = load_llama(path, n_ctx=ctx, n_batch=ctx, n_threads=threads, n_threads_batch=threads)
-    context, n_vocab, first = ll._ctx.ctx, ll.n_vocab(), ctx // 2
+    ll = load_llama(path, n_ctx=ctx, n_batch=ctx, n_threads=threads, n_threads_batch=threads, **kv)
+    n_vocab, first = ll.n_vocab(), ctx // 2
     batch = llama_cpp.llama_batch_init(ctx, 0, 1)
 
     def run() -> tuple[float, float]:
+        context = ll._ctx.ctx  # (the closure keeps `ll`, which owns the context, alive)
         nll = []
         start = time.perf_counter()
         for i in range(n_chunks):
@@ -74,7 +80,7 @@ def llama_cpp_run(path, tokens: list[int], ctx: int, n_chunks: int, threads: int
     return run
 
 
-def transformers_run(path, tokens: list[int], ctx: int, n_chunks: int, batch: int) -> Run:
+def transformers_run(path: Path, tokens: list[int], ctx: int, n_chunks: int, batch: int) -> Run:
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
@@ -96,7 +102,7 @@ def transformers_run(path, tokens: list[int], ctx: int, n_chunks: int, batch: in
     return run
 
 
-def ours_run(path, text: str, ctx: int, n_chunks: int, batch: int) -> Run:
+def ours_run(path: Path, text: str, ctx: int, n_chunks: int, batch: int) -> Run:
     model = Transformer.from_pretrained(path)
     tokenizer = load_tokenizer(path)
 
@@ -115,6 +121,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--batch", default="1,4,8", help="chunks per forward: ours, transformers")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--llama-f32",
+        action="store_true",
+        help="also run llama.cpp on a float32 copy with a float32 KV cache (no 8-bit "
+        "activations): its perplexity is then ours to 4+ digits",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -128,6 +140,12 @@ def main() -> None:
     runs: dict[str, Run] = {
         "llama.cpp": llama_cpp_run(path, tokens, args.ctx, n_chunks, args.threads)
     }
+    scratch = tempfile.TemporaryDirectory()
+    if args.llama_f32:
+        f32 = float32_copy(path, Path(scratch.name) / "f32.gguf")
+        runs["llama.cpp f32"] = llama_cpp_run(
+            f32, tokens, args.ctx, n_chunks, args.threads, type_k=0, type_v=0
+        )
     for b in batches:
         runs[f"ours b{b}"] = ours_run(path, text, args.ctx, n_chunks, b)
         runs[f"transformers b{b}"] = transformers_run(path, tokens, args.ctx, n_chunks, b)
@@ -153,9 +171,10 @@ def main() -> None:
         f"demo GGUF, {n_chunks} chunks of {args.ctx} ({scored} tokens scored), "
         f"{args.threads} threads"
     )
-    print(table(rows, ["run", "ppl", "seconds", "tokens/s", "vs llama.cpp", "vs transformers"]))
+    shown = [{**row, "ppl": f"{row['ppl']:.5f}"} for row in rows]  # more digits than .3g
+    print(table(shown, ["run", "ppl", "seconds", "tokens/s", "vs llama.cpp", "vs transformers"]))
     out = save(
-        "eval_speed",
+        "eval_speed_all" if args.all else "eval_speed",
         {
             "model": path.name,
             "ctx": args.ctx,

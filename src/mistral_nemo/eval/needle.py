@@ -12,21 +12,19 @@ appears in the greedy answer. Every cell goes through the engine in one batch.
 from __future__ import annotations
 
 import bisect
-import os
 import random
 import re
-import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from tqdm import tqdm
 
 from mistral_nemo.engine import LLM, Engine, SamplingParams
 from mistral_nemo.errors import InvalidRequestError
-from mistral_nemo.eval.report import write_json
+from mistral_nemo.eval.report import write_atomic, write_json
 from mistral_nemo.tokenizer import BaseTokenizer
 
 CORPUS = Path(__file__).parent / "data" / "corpus.txt"
@@ -389,24 +387,11 @@ def save_report(
     out.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out / f"{name}.json", out / f"{name}.png"
     write_json(json_path, report)
-    _write_atomic(png_path, lambda f: plot_heatmap(report, f))
+    write_atomic(png_path, lambda f: plot_heatmap(report, f))
     return json_path, png_path
 
 
-def _write_atomic(path: Path, write: Callable[[Any], Any]) -> None:
-    """Write through a temporary file in the same folder, then rename it into place, as
-    `write_json` does, so a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def plot_heatmap(report: dict[str, Any], file: Any) -> None:
+def plot_heatmap(report: dict[str, Any], file: str | Path | BinaryIO) -> None:
     """The grid as a PNG: length across, depth down, the score as colour and number."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

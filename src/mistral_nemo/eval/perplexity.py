@@ -20,10 +20,7 @@ models with different tokenizers can be compared on the same text.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -34,6 +31,7 @@ from tqdm import tqdm
 
 from mistral_nemo.engine.llm import KV_CACHE_DTYPES
 from mistral_nemo.errors import InvalidRequestError
+from mistral_nemo.eval.report import write_json
 from mistral_nemo.model import Transformer
 from mistral_nemo.runtime import ModelRunner
 from mistral_nemo.runtime.paged import PagedKVCache, PagedStep
@@ -43,6 +41,7 @@ from mistral_nemo.tokenizer import BaseTokenizer, load_tokenizer
 # >= 100k tokens; benchmarks/make_corpus.py writes it.
 CORPUS = Path(__file__).parent / "data" / "corpus.txt"
 DEFAULT_CTX = 512
+DEFAULT_BATCH = 4  # chunks per forward pass
 # Logits computed at once, in elements: 256 MiB of fp32 (512 rows of NeMo's 131072 words).
 LOGITS_PER_SLICE = 1 << 26
 KV_BLOCK_SIZE = 16
@@ -135,17 +134,8 @@ class PerplexityResult:
         )
 
     def save_json(self, path: str | Path) -> None:
-        """Write the result as JSON, atomically (a reader never sees half a file)."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(asdict(self), f, indent=2)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        """Write the result as JSON, atomically."""
+        write_json(path, asdict(self))
 
 
 def adds_bos(tokenizer: BaseTokenizer) -> bool:
@@ -173,7 +163,7 @@ def evaluate_perplexity(
     tokenizer: BaseTokenizer,
     text: str,
     ctx: int = DEFAULT_CTX,
-    batch: int = 1,
+    batch: int = DEFAULT_BATCH,
     stride: int | None = None,
     kv_cache_dtype: str = "auto",
     chunks: int | None = None,
@@ -225,8 +215,7 @@ def evaluate_perplexity(
                 bar.write("".join(entries))
     seconds = time.perf_counter() - start
 
-    scored = torch.tensor(tokens)[torch.cat([torch.tensor(w.targets) for w in windows])]
-    n_bytes = sum(len(tokenizer.token_bytes(t)) for t in scored.tolist())
+    n_bytes = sum(len(tokenizer.token_bytes(tokens[i])) for w in windows for i in w.targets)
     mean = nll / count
     ppl = math.exp(mean)
     variance = nll2 / count - mean * mean
@@ -252,7 +241,7 @@ def perplexity(
     model_path: str | Path,
     text_path: str | Path,
     ctx: int = DEFAULT_CTX,
-    batch: int = 1,
+    batch: int = DEFAULT_BATCH,
     stride: int | None = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",

@@ -133,7 +133,7 @@ def gemv(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def gemv_int4(
     packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int, x: torch.Tensor
 ) -> torch.Tensor:
-    """Int4 weights (packed [rows, cols/2], (scale, zero) bf16 [rows, groups, 2]) @ x [cols]
+    """Int4 weights (packed [rows, cols/2], (scale, zero) fp16 [rows, groups, 2]) @ x [cols]
     (-> [rows]) or x [batch, cols] (-> [batch, rows], each weight row read once for all).
 
     On VNNI machines, x is quantized to int8 per group for the products

@@ -10,9 +10,11 @@ from torch import nn
 
 from mistral_nemo.errors import ConfigError
 from mistral_nemo.quant.linear import (
+    GROUP_SIZES,
     Fp8Linear,
     Int4Linear,
     Int8Linear,
+    int4_group_size,
     pack_int4,
     quantize_fp8,
     quantize_int4,
@@ -20,7 +22,6 @@ from mistral_nemo.quant.linear import (
 )
 
 SCHEMES = ("fp8", "fp8-channel", "int8", "int4")
-GROUP_SIZES = (32, 64, 128)
 
 
 def check_scheme(scheme: str, group_size: int = 128) -> None:
@@ -32,14 +33,23 @@ def check_scheme(scheme: str, group_size: int = 128) -> None:
         raise ConfigError(f"int4 group size must be one of {GROUP_SIZES}, got {group_size}")
 
 
-def quantize_linear(weight: torch.Tensor, scheme: str, group_size: int = 128) -> nn.Module:
+def quantize_linear(
+    weight: torch.Tensor,
+    scheme: str,
+    group_size: int = 128,
+    importance: torch.Tensor | None = None,
+) -> nn.Module:
+    """`weight` [out, in] as a quantized layer. int4 takes groups of `group_size` inputs, or
+    the largest of GROUP_SIZES that divides the input size (`int4_group_size`; the layer's
+    `group_size` says which). `importance` [in] (the mean square of each input from
+    calibration) weights the scales' search toward the inputs that matter."""
     check_scheme(scheme, group_size)
     if scheme.startswith("fp8"):
-        return Fp8Linear(*quantize_fp8(weight, per_channel=scheme == "fp8-channel"))
+        return Fp8Linear(*quantize_fp8(weight, scheme == "fp8-channel", importance))
     if scheme == "int8":
-        return Int8Linear(*quantize_int8(weight))
-    q, scales_zeros = quantize_int4(weight, group_size)
-    return Int4Linear(pack_int4(q), scales_zeros, group_size)
+        return Int8Linear(*quantize_int8(weight, importance))
+    q, scales_zeros = quantize_int4(weight, group_size, importance)
+    return Int4Linear(pack_int4(q), scales_zeros)
 
 
 # The buffers of each quantized layer type that hold one entry (or row) per output.
@@ -63,7 +73,7 @@ def fuse_rows(layers: list[nn.Module]) -> nn.Module | None:
         if len({x.group_size for x in int4}) > 1:
             return None
         scales = torch.cat([x.scales_zeros for x in int4]).transpose(0, 1)
-        fused = Int4Linear(torch.cat([x.weight for x in int4]), scales, int4[0].group_size)
+        fused = Int4Linear(torch.cat([x.weight for x in int4]), scales)
     elif int8 := [x for x in layers if isinstance(x, Int8Linear)]:
         fused = Int8Linear(
             torch.cat([x.weight for x in int8]), torch.cat([x.weight_scale for x in int8])
@@ -98,6 +108,7 @@ __all__ = [
     "Int8Linear",
     "check_scheme",
     "fuse_rows",
+    "int4_group_size",
     "is_linear_weight",
     "quantize_linear",
 ]

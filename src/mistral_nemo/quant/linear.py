@@ -18,9 +18,10 @@ from torch import nn
 from mistral_nemo import kernels
 from mistral_nemo.errors import ConfigError
 from mistral_nemo.kernels.decoder import LinearSpec
+from mistral_nemo.quant import grids
+from mistral_nemo.quant.grids import FP8, FP8_MAX
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8).max  # 448
+GROUP_SIZES = (32, 64, 128)
 # Rows dequantized at a time by the FP8 fallback for several tokens: bounds the temporary.
 _TILE_ROWS = 2048
 
@@ -36,45 +37,64 @@ def _row_chunks(w: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
         yield rows, w[rows].float()
 
 
-def quantize_fp8(w: torch.Tensor, per_channel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """E4M3 weights and fp32 scales (one, or one per output row) with w ~ q * scale."""
-    amax = torch.cat([c.abs().amax(dim=1) for _, c in _row_chunks(w)])
-    scale = (amax if per_channel else amax.max().reshape(1)).clamp(min=1e-12) / FP8_MAX
+def quantize_fp8(
+    w: torch.Tensor, per_channel: bool = False, importance: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """E4M3 weights and fp32 scales (one, or one per output row) with w ~ q * scale, each
+    scale the one of least (importance-weighted) squared error (`grids`)."""
+    if per_channel:
+        scale = torch.cat([grids.row_scales(c, "fp8", importance) for _, c in _row_chunks(w)])
+    else:
+        scale = grids.tensor_scale(w.float(), importance)
     q = torch.empty(w.shape, dtype=FP8, device=w.device)
     for rows, c in _row_chunks(w):
-        s = scale[rows, None] if per_channel else scale
-        q[rows] = (c / s).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        q[rows] = grids.fp8_round(c, scale[rows, None] if per_channel else scale)
     return q, scale
 
 
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel int8 weights and fp32 scales."""
+def quantize_int8(
+    w: torch.Tensor, importance: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8 weights and fp32 scales (`grids.row_scales`)."""
     q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
     scales = []
     for rows, c in _row_chunks(w):
-        scale = c.abs().amax(dim=1).clamp(min=1e-12) / 127
-        q[rows] = (c / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        scale = grids.row_scales(c, "int8", importance)
+        q[rows] = grids.int8_round(c, scale[:, None])
         scales.append(scale)
     return q, torch.cat(scales)
 
 
-def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric int4 per group of `group_size` input columns: values 0..15 (int32, not
-    packed) and [groups, out, 2] (scale, zero) with w ~ (q - 8) * scale + zero."""
-    rows_total, cols = w.shape
-    if cols % group_size:
+def int4_group_size(cols: int, group_size: int) -> int:
+    """The group size int4 uses for rows of `cols` inputs: `group_size` where it divides
+    cols, else the largest of GROUP_SIZES below it that does (SmolLM2's 576-wide layers take
+    groups of 64 when 128 is asked for)."""
+    fits = [g for g in GROUP_SIZES if g <= group_size and cols % g == 0]
+    if not fits:
         raise ConfigError(
-            f"int4 needs the input size ({cols}) to be a multiple of the group size ({group_size})"
+            f"int4 needs the input size ({cols}) to be a multiple of {min(GROUP_SIZES)}"
         )
+    return max(fits)
+
+
+def quantize_int4(
+    w: torch.Tensor, group_size: int, importance: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 per group of `int4_group_size(cols, group_size)` input columns:
+    values 0..15 (int32, not packed) and [groups, out, 2] (scale, zero) fp16 with
+    w ~ (q - 8) * scale + zero, fitted per group by `grids.int4_fit`."""
+    cols = w.shape[1]
+    group_size = int4_group_size(cols, group_size)
+    if importance is not None:
+        importance = importance.float().reshape(cols // group_size, group_size)
     q = torch.empty(w.shape, dtype=torch.int32, device=w.device)
     parts = []
     for rows, c in _row_chunks(w):
         g = c.reshape(c.shape[0], cols // group_size, group_size)
-        lo, hi = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
-        scale = ((hi - lo) / 15).clamp(min=1e-8)
-        q[rows] = ((g - lo) / scale).round_().clamp_(0, 15).to(torch.int32).reshape(c.shape)
-        parts.append(torch.cat([scale, lo + 8 * scale], dim=-1))
-    return q, torch.cat(parts).transpose(0, 1).contiguous()
+        scale, zero = grids.int4_fit(g, importance)
+        q[rows] = grids.int4_codes(g, scale, zero).reshape(c.shape)
+        parts.append(torch.cat([scale, zero], dim=-1))
+    return q, torch.cat(parts).transpose(0, 1).to(torch.float16).contiguous()
 
 
 def _few_rows(x: torch.Tensor, in_features: int) -> torch.Tensor | None:
@@ -197,20 +217,27 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """Int4 weights as stored (two values a byte) with their (scale, zero) per group. One
-    token goes through the int4 GEMV kernel; several are dequantized tile by tile."""
+    """Int4 weights as stored (two values a byte) with their (scale, zero) per group, given
+    as [groups, out, 2]: the group size is in_features / groups. One token goes through
+    the int4 GEMV kernel; several are dequantized tile by tile."""
 
     weight: torch.Tensor
     scales_zeros: torch.Tensor
 
-    def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int) -> None:
+    def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor) -> None:
         super().__init__()
         self.out_features, self.in_features = packed.shape[0], packed.shape[1] * 2
-        self.group_size = group_size
+        self.group_size = self.in_features // scales_zeros.shape[0]
+        if self.group_size not in GROUP_SIZES or self.in_features % self.group_size:
+            raise ConfigError(
+                f"int4 layer of {self.in_features} inputs with {scales_zeros.shape[0]} "
+                f"groups: group sizes are {GROUP_SIZES}"
+            )
         self.register_buffer("weight", packed)
-        # [rows, groups, 2]: each row's scales next to each other, as the kernel reads them.
+        # [rows, groups, 2] fp16: each row's scales next to each other, as the kernel reads
+        # them (checkpoints written before kept them in bf16: converted here).
         self.register_buffer(
-            "scales_zeros", scales_zeros.to(torch.bfloat16).transpose(0, 1).contiguous()
+            "scales_zeros", scales_zeros.to(torch.float16).transpose(0, 1).contiguous()
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

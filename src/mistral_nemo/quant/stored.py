@@ -7,9 +7,13 @@ Tensors of a layer `X` (its `X.weight` plus companions):
 | fp8         | float8_e4m3fn [N, K]   | X.weight_scale fp32 [] (AutoFP8), X.input_scale [] |
 | fp8-channel | float8_e4m3fn [N, K]   | X.weight_scale fp32 [N, 1]                        |
 | int8        | int8 [N, K]            | X.weight_scale fp32 [N]                           |
-| int4        | uint8 [N, K/2]         | X.weight_scales_zeros bf16 [K/g, N, 2]            |
+| int4        | uint8 [N, K/2]         | X.weight_scales_zeros fp16 [K/g, N, 2]            |
 
-int4 packs two 0..15 values per byte, the even column in the low nibble. FP8 is the layout
+int4 packs two 0..15 values per byte, the even column in the low nibble; each group of g
+columns has its (scale, zero) with w = (q - 8) * scale + zero. g is the checkpoint's group
+size, or for a layer whose K it does not divide the largest of 32, 64, 128 that does
+(`int4_group_size`): a layer's own g is K / the first dimension of its scales. Files
+written before kept the scales in bf16; they load (converted to fp16). FP8 is the layout
 of the community NeMo FP8 checkpoints (config.json `quantization_config.quant_method:
 "fp8"`), which vLLM loads; Mistral's consolidated FP8 files name the scales
 `qscale_weight` and `qscale_act`, read here as `weight_scale` and `input_scale`.
@@ -28,6 +32,7 @@ from mistral_nemo.quant.linear import (
     Fp8Linear,
     Int4Linear,
     Int8Linear,
+    int4_group_size,
     pack_int4,
     quantize_fp8,
     quantize_int4,
@@ -50,7 +55,7 @@ def quantized_tensors(w: torch.Tensor, scheme: str, group_size: int) -> dict[str
         q8, scale = quantize_int8(w)
         return {"weight": q8, "weight_scale": scale}
     q4, scales_zeros = quantize_int4(w, group_size)
-    return {"weight": pack_int4(q4), "weight_scales_zeros": scales_zeros.to(torch.bfloat16)}
+    return {"weight": pack_int4(q4), "weight_scales_zeros": scales_zeros}
 
 
 def stored_shapes(
@@ -63,9 +68,10 @@ def stored_shapes(
         return {"weight": (shape, FP8), "weight_scale": ((rows, 1), torch.float32)}
     if scheme == "int8":
         return {"weight": (shape, torch.int8), "weight_scale": ((rows,), torch.float32)}
+    groups = cols // int4_group_size(cols, group_size)
     return {
         "weight": ((rows, cols // 2), torch.uint8),
-        "weight_scales_zeros": ((cols // group_size, rows, 2), torch.bfloat16),
+        "weight_scales_zeros": ((groups, rows, 2), torch.float16),
     }
 
 
@@ -79,7 +85,15 @@ def layer_from_stored(
             )
         if scheme == "int8":
             return Int8Linear(tensors["weight"], tensors["weight_scale"].reshape(-1))
-        return Int4Linear(tensors["weight"], tensors["weight_scales_zeros"], group_size)
+        packed, scales = tensors["weight"], tensors["weight_scales_zeros"]
+        rows, half = packed.shape
+        expected = stored_shapes(scheme, (rows, 2 * half), group_size)["weight_scales_zeros"][0]
+        if tuple(scales.shape) != expected:
+            raise CheckpointError(
+                f"{where}: int4 scales of shape {list(scales.shape)}, the group size "
+                f"implies {list(expected)}"
+            )
+        return Int4Linear(packed, scales)
     except KeyError as e:
         raise CheckpointError(f"{where}: quantized layer lacks its {e.args[0]} tensor") from None
 

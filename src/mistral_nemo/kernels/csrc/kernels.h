@@ -30,7 +30,7 @@ typedef struct {
     enum weight_kind kind;
     long rows, cols, group; /* group: int4's group size */
     const void *w;
-    const void *scale;      /* int4: (scale, zero) bf16 [rows, groups, 2]; int8: fp32 [rows];
+    const void *scale;      /* int4: (scale, zero) fp16 [rows, groups, 2]; int8: fp32 [rows];
                                fp8: fp32, one per row or one for all; bf16, fp32: none */
     long scales;            /* fp8: how many scales (1 or rows) */
 } linear_t;
@@ -134,6 +134,25 @@ static inline float bf16_to_f32(uint16_t h) {
     float f;
     memcpy(&f, &u, 4);
     return f;
+}
+
+static inline float f16_to_f32(uint16_t h) {
+#if defined(__F16C__) && defined(__AVX512F__) /* (immintrin.h is included with AVX-512) */
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 31, man = h & 0x3FF, u;
+    if (exp == 31) { /* inf, nan */
+        u = sign | 0x7F800000 | man << 13;
+    } else if (exp > 0) {
+        u = sign | (exp + 112) << 23 | man << 13;
+    } else { /* zero, subnormal: man * 2^-24 */
+        float f = (float)man * 0x1p-24f;
+        return sign ? -f : f;
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+#endif
 }
 
 static inline uint16_t f32_to_bf16(float f) { /* round to nearest even */

@@ -6,7 +6,7 @@
 
 
 /* One row of an int4 matrix: `w` holds cols/2 bytes (value 2i in the low nibble of byte i),
- * `sz` the row's (scale, zero) bf16 pairs, one per group of `group` columns, so that
+ * `sz` the row's (scale, zero) fp16 pairs, one per group of `group` columns, so that
  * w = (q - 8) * scale + zero. `xsum` holds the sum of x over each group.
  * dot = sum over groups of scale * sum(q x) + (zero - 8 scale) * sum(x). */
 static float dot_int4(const uint8_t *w, const uint16_t *x, const uint16_t *sz,
@@ -29,7 +29,7 @@ static float dot_int4(const uint8_t *w, const uint16_t *x, const uint16_t *sz,
             __m512i pairs = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
             acc = _mm512_dpbf16_ps(acc, (__m512bh)pairs, (__m512bh)_mm512_loadu_si512(x + c));
         }
-        total = _mm512_fmadd_ps(acc, _mm512_set1_ps(bf16_to_f32(sz[2 * g])), total);
+        total = _mm512_fmadd_ps(acc, _mm512_set1_ps(f16_to_f32(sz[2 * g])), total);
     }
     out = _mm512_reduce_add_ps(total);
 #else
@@ -37,11 +37,11 @@ static float dot_int4(const uint8_t *w, const uint16_t *x, const uint16_t *sz,
         float q = 0.f;
         for (long c = g * group; c < (g + 1) * group; c++)
             q += (float)((w[c / 2] >> (4 * (c & 1))) & 15) * bf16_to_f32(x[c]);
-        out += bf16_to_f32(sz[2 * g]) * q;
+        out += f16_to_f32(sz[2 * g]) * q;
     }
 #endif
     for (long g = 0; g < groups; g++)
-        out += (bf16_to_f32(sz[2 * g + 1]) - 8.f * bf16_to_f32(sz[2 * g])) * xsum[g];
+        out += (f16_to_f32(sz[2 * g + 1]) - 8.f * f16_to_f32(sz[2 * g])) * xsum[g];
     return out;
 }
 
@@ -69,17 +69,16 @@ static float dot_int4_vnni(const uint8_t *w, const int8_t *xq, const float *xs,
                            long group) {
     const long groups = n / group, full = n / 128, blocks = (n + 127) / 128;
     const int8_t *xe = xq, *xo = xq + n / 2;
-    const __m512i high16 = _mm512_set1_epi32((int)0xFFFF0000);
     const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     const __m512i lane_group = _mm512_srli_epi32(_mm512_slli_epi32(iota, 3), __builtin_ctzl(group));
     const __m512i per_block = _mm512_set1_epi32((int)(128 / group));
     __m512 t0 = _mm512_setzero_ps(), t1 = t0, fixed = t0;
     for (long g = 0, blk = 0; g < groups; g += 16) {
         __mmask16 gm = groups - g >= 16 ? 0xFFFF : (__mmask16)((1u << (groups - g)) - 1);
-        /* the groups' (scale, zero) bf16 pairs as 32-bit words: the scale is the low half */
+        /* the groups' (scale, zero) fp16 pairs as 32-bit words: the scale is the low half */
         __m512i pairs = _mm512_maskz_loadu_epi32(gm, sz + 2 * g);
-        __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
-        __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pairs, high16));
+        __m512 scale = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(pairs));
+        __m512 zero = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(pairs, 16)));
         __m512 f = _mm512_mul_ps(scale, _mm512_maskz_loadu_ps(gm, xs + g));
         fixed = _mm512_fmadd_ps(zero, _mm512_maskz_loadu_ps(gm, xsum + g), fixed);
         fixed = _mm512_fnmadd_ps(scale, _mm512_maskz_loadu_ps(gm, xsq + g), fixed);
@@ -152,8 +151,8 @@ static void dequantize_int4_row(const uint8_t *w, const uint16_t *sz, float *out
         __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + c / 2)));
         __m512 lo = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, low4)), eight);
         __m512 hi = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), eight);
-        __m512 s = _mm512_set1_ps(bf16_to_f32(sz[2 * (c / group)]));
-        __m512 z = _mm512_set1_ps(bf16_to_f32(sz[2 * (c / group) + 1]));
+        __m512 s = _mm512_set1_ps(f16_to_f32(sz[2 * (c / group)]));
+        __m512 z = _mm512_set1_ps(f16_to_f32(sz[2 * (c / group) + 1]));
         _mm512_storeu_ps(out + c, _mm512_fmadd_ps(_mm512_permutex2var_ps(lo, first, hi), s, z));
         _mm512_storeu_ps(out + c + 16,
                          _mm512_fmadd_ps(_mm512_permutex2var_ps(lo, second, hi), s, z));
@@ -161,7 +160,7 @@ static void dequantize_int4_row(const uint8_t *w, const uint16_t *sz, float *out
 #endif
     for (; c < n; c++) {
         float q = (float)((w[c / 2] >> (4 * (c & 1))) & 15) - 8.f;
-        out[c] = q * bf16_to_f32(sz[2 * (c / group)]) + bf16_to_f32(sz[2 * (c / group) + 1]);
+        out[c] = q * f16_to_f32(sz[2 * (c / group)]) + f16_to_f32(sz[2 * (c / group) + 1]);
     }
 }
 
@@ -169,7 +168,7 @@ static void dequantize_int4_row(const uint8_t *w, const uint16_t *sz, float *out
 typedef struct {
     const uint8_t *w;    /* [rows, cols / 2] */
     const uint16_t *x;   /* without VNNI: x in bf16 */
-    const uint16_t *sz;  /* [rows, groups, 2] bf16 (scale, zero) */
+    const uint16_t *sz;  /* [rows, groups, 2] fp16 (scale, zero) */
     const float *xsum;   /* per vector: sum of x per group, then (VNNI) the scale of xq per
                             group, then 8 * scale * sum(xq) per group */
     const int8_t *xq;    /* VNNI, per vector: x quantized per group, even then odd columns */

@@ -1,0 +1,122 @@
+"""Quantizing a loaded model with calibration text: the inputs each linear layer sees on a
+few thousand tokens give it H = X^T X, which GPTQ (`gptq`) uses to round the layer's
+weights so that its outputs move least, and whose diagonal weights the search of each grid
+toward the inputs that matter (`grids`).
+
+Unlike `from_pretrained(..., quantize=...)`, which quantizes tensor by tensor as it reads,
+this needs the full-precision model in memory first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from mistral_nemo.quant import grids
+from mistral_nemo.quant.gptq import Rounder, gptq
+from mistral_nemo.quant.linear import (
+    Fp8Linear,
+    Int4Linear,
+    Int8Linear,
+    int4_group_size,
+    pack_int4,
+)
+
+
+def calibration_batches(tokens: Sequence[int], ctx: int, count: int = 32) -> list[torch.Tensor]:
+    """Up to `count` consecutive windows [1, ctx] of a token stream."""
+    return [
+        torch.tensor(tokens[i : i + ctx])[None]
+        for i in range(0, len(tokens) - ctx + 1, ctx)[:count]
+    ]
+
+
+def _linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    """The full-precision linear layers quantization applies to, by name (the LM head as
+    "output")."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and (name == "output" or ".attention.w" in name
+                                              or ".feed_forward.w" in name)
+    }  # fmt: skip
+
+
+@torch.inference_mode()
+def input_hessians(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """X^T X (float64 [in, in]) of the inputs of every linear layer over `batches` of tokens."""
+    hessians: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):  # type: ignore[no-untyped-def]
+        def accumulate(module: nn.Module, inputs: tuple[torch.Tensor, ...], _: object) -> None:
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+            product = (x.T @ x).double()
+            hessians[name] = hessians[name] + product if name in hessians else product
+
+        return accumulate
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in _linear_layers(model).items()]
+    try:
+        for tokens in batches:
+            model(tokens.to(next(model.parameters()).device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hessians
+
+
+def quantize_model(
+    model: nn.Module, scheme: str, group_size: int, calibration: Iterable[torch.Tensor]
+) -> nn.Module:
+    """Replace `model`'s linear layers (and LM head) by quantized ones rounded by GPTQ on
+    the `calibration` token batches ([1, ctx] each, `calibration_batches`); returns model."""
+    hessians = input_hessians(model, calibration)
+    for name, module in _linear_layers(model).items():
+        parent, _, attr = name.rpartition(".")
+        layer = quantize_with_hessian(module.weight.detach(), scheme, group_size, hessians[name])
+        setattr(model.get_submodule(parent) if parent else model, attr, layer)
+    return model
+
+
+def quantize_with_hessian(
+    w: torch.Tensor, scheme: str, group_size: int, hessian: torch.Tensor
+) -> nn.Module:
+    """One weight [out, in] as a quantized layer, rounded by GPTQ with the X^T X of its
+    inputs; each grid's search is weighted by the inputs' mean squares."""
+    importance = (hessian.diagonal() / hessian.diagonal().mean().clamp(min=1e-30)).float()
+    fitted: list[tuple[torch.Tensor, ...]] = []
+    cols = w.shape[1]
+    if scheme == "int4":
+        group = int4_group_size(cols, group_size)
+
+        def fit(columns: torch.Tensor) -> Rounder:
+            start = len(fitted) * group
+            scale, zero = grids.int4_fit(columns, importance[start : start + group])
+            fitted.append((scale, zero))
+            return lambda col: ((grids.int4_codes(col[:, None], scale, zero) - 8) * scale
+                                + zero)[:, 0]  # fmt: skip
+
+        rounded = gptq(w, hessian, fit, group)
+        scale, zero = (torch.cat(t, dim=1) for t in zip(*fitted, strict=True))
+        groups = rounded.reshape(w.shape[0], -1, group)
+        codes = grids.int4_codes(groups, scale[..., None], zero[..., None]).reshape(w.shape)
+        return Int4Linear(pack_int4(codes), torch.stack([scale, zero], -1).transpose(0, 1))
+    kind = "int8" if scheme == "int8" else "fp8"
+    round_ = grids.int8_round if kind == "int8" else grids.fp8_round
+
+    def fit_rows(columns: torch.Tensor) -> Rounder:
+        if scheme == "fp8":
+            scale = grids.tensor_scale(columns, importance).expand(columns.shape[0])
+        else:
+            scale = grids.row_scales(columns, kind, importance)
+        fitted.append((scale,))
+        return lambda col: round_(col, scale).float() * scale
+
+    rounded = gptq(w, hessian, fit_rows, cols)
+    scale = fitted[0][0]
+    q = round_(rounded, scale[:, None])
+    if scheme == "int8":
+        return Int8Linear(q, scale)
+    return Fp8Linear(q, scale if scheme == "fp8-channel" else scale[:1])
