@@ -15,7 +15,14 @@ from mistral_nemo import CheckpointError, ConfigError, Transformer, kernels
 from mistral_nemo.checkpoint import convert_checkpoint, quantize_checkpoint
 from mistral_nemo.cli import main
 from mistral_nemo.engine import LLM, SamplingParams
-from mistral_nemo.quant import Fp8Linear, Int4Linear, Int8Linear, is_linear_weight, quantize_linear
+from mistral_nemo.quant import (
+    Fp8Linear,
+    Int4Linear,
+    Int8Linear,
+    fuse_rows,
+    is_linear_weight,
+    quantize_linear,
+)
 from mistral_nemo.quant.linear import quantize_fp8, quantize_int4, quantize_int8
 
 
@@ -130,20 +137,22 @@ def test_quantize_on_load(tiny_mistral, scheme):
 
 @pytest.mark.parametrize("scheme", ["fp8", "fp8-channel", "int8", "int4"])
 def test_fused_projections_change_nothing_but_speed(tiny_mistral, scheme):
+    """q, k and v (or gate and up) stacked into one layer by `fuse_rows`, as the decode step
+    runs them, give the separate layers' outputs."""
     model = Transformer.from_pretrained(tiny_mistral, quantize=scheme, group_size=32)
-    attention, ffn = model.layers[0].attention, model.layers[0].feed_forward
-    assert attention.wqkv is not None and ffn.w13 is not None  # fused while loading
-    # The separate layers are views of the fused ones: no memory added.
-    assert attention.wk.weight.untyped_storage().data_ptr() == (
-        attention.wqkv.weight.untyped_storage().data_ptr()
-    )
-    tokens = torch.randint(1000, 131072, (1, 6), generator=torch.Generator().manual_seed(2))
+    attention = model.layers[0].attention
+    layers = [attention.wq, attention.wk, attention.wv]
+    x = torch.randn(3, model.config.dim)
     with torch.inference_mode():
-        fused = [model(tokens), model(tokens[:, :1])]
-        for block in model.layers:
-            block.attention.wqkv = block.feed_forward.w13 = None
-        separate = [model(tokens), model(tokens[:, :1])]
-    for a, b in zip(fused, separate, strict=True):
+        separate = [torch.cat([layer(x[i : i + 1]) for layer in layers], -1) for i in range(3)]
+        fused = fuse_rows(layers)
+        assert fused is not None
+        # The separate layers are views of the fused ones: no memory added.
+        assert attention.wk.weight.untyped_storage().data_ptr() == (
+            fused.weight.untyped_storage().data_ptr()
+        )
+        together = [fused(x[i : i + 1]) for i in range(3)]
+    for a, b in zip(together, separate, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 

@@ -108,7 +108,7 @@ def quantize_with_hessian(
 
     def fit_rows(columns: torch.Tensor) -> Rounder:
         if scheme == "fp8":
-            scale = grids.tensor_scale(columns, importance).expand(columns.shape[0])
+            scale = grids.tensor_scale(lambda: [columns], importance).expand(columns.shape[0])
         else:
             scale = grids.row_scales(columns, kind, importance)
         fitted.append((scale,))

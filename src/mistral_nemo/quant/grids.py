@@ -13,6 +13,8 @@ calibration: an error on a column that sees large inputs costs more):
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import torch
 
 FP8 = torch.float8_e4m3fn
@@ -20,7 +22,7 @@ FP8_MAX = torch.finfo(FP8).max  # 448
 # Candidate shrink factors of the absmax scale of int8 and FP8 rows.
 ROW_SHRINK = torch.linspace(1.0, 0.8, 11).tolist()
 # int4: candidate inverse scales (15 + INT4_STEPS[i]) / (max - min), as make_qkx2 tries.
-INT4_STEPS = torch.linspace(-1.0, 1.0, 21).tolist()
+INT4_STEPS = torch.linspace(-1.0, 1.0, 11).tolist()
 
 
 def fp8_round(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -50,14 +52,20 @@ def row_scales(
     return best
 
 
-def tensor_scale(w: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
-    """One FP8 scale for all of w, the shrunk absmax with the least squared error: [1]."""
-    amax = w.abs().amax().clamp(min=1e-12)
-    errors = [
-        (_weighted(w - fp8_round(w, s).float() * s, importance).sum(), s)
-        for s in (amax * f / FP8_MAX for f in ROW_SHRINK)
-    ]
-    return min(errors, key=lambda e: float(e[0]))[1].reshape(1)
+def tensor_scale(
+    chunks: Callable[[], Iterable[torch.Tensor]], importance: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One FP8 scale for all the rows `chunks()` yields (fp32 [rows, cols] pieces of one
+    weight, read once per candidate), the shrunk absmax with the least squared error: [1]."""
+    amax = torch.stack([c.abs().amax() for c in chunks()]).amax().clamp(min=1e-12)
+
+    def error(scale: torch.Tensor) -> float:
+        return sum(
+            float(_weighted(c - fp8_round(c, scale).float() * scale, importance).sum())
+            for c in chunks()
+        )
+
+    return min((amax * f / FP8_MAX for f in ROW_SHRINK), key=error).reshape(1)
 
 
 def _weighted(err: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:

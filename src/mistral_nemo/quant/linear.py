@@ -45,7 +45,7 @@ def quantize_fp8(
     if per_channel:
         scale = torch.cat([grids.row_scales(c, "fp8", importance) for _, c in _row_chunks(w)])
     else:
-        scale = grids.tensor_scale(w.float(), importance)
+        scale = grids.tensor_scale(lambda: (c for _, c in _row_chunks(w)), importance)
     q = torch.empty(w.shape, dtype=FP8, device=w.device)
     for rows, c in _row_chunks(w):
         q[rows] = grids.fp8_round(c, scale[rows, None] if per_channel else scale)
