@@ -9,30 +9,31 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
-from mistral_nemo import InvalidRequestError, LLM, SamplingParams
+from mistral_nemo import LLM, InvalidRequestError, SamplingParams
 from mistral_nemo.eval import tasks
 
 DATA = Path(tasks.__file__).with_name("data")
 MC = DATA / "general_knowledge_mc.jsonl"
 
-# The same task as lm-eval sees it: MMLU's prompt and letters, from our file.
-LM_EVAL_TASK = """
-task: general_knowledge_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {path}
-test_split: test
-output_type: multiple_choice
-description: "The following are multiple choice questions (with answers) about {{{{subject}}}}.\\n\\n"
-doc_to_text: "{{{{question.strip()}}}}\\nA. {{{{choices[0]}}}}\\nB. {{{{choices[1]}}}}\\nC. {{{{choices[2]}}}}\\nD. {{{{choices[3]}}}}\\nAnswer:"
-doc_to_choice: ["A", "B", "C", "D"]
-doc_to_target: "{{{{['A', 'B', 'C', 'D'].index(answer)}}}}"
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
+
+def lm_eval_task(path: Path) -> dict:
+    """The same task as lm-eval sees it: MMLU's prompt and letters, from our file."""
+    listed = "".join(f"\n{letter}. {{{{choices[{i}]}}}}" for i, letter in enumerate("ABCD"))
+    return {
+        "task": "general_knowledge_mc",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(path)}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "description": "The following are multiple choice questions (with answers) about "
+        "{{subject}}.\n\n",
+        "doc_to_text": "{{question.strip()}}" + listed + "\nAnswer:",
+        "doc_to_choice": ["A", "B", "C", "D"],
+        "doc_to_target": "{{['A', 'B', 'C', 'D'].index(answer)}}",
+        "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def test_multiple_choice_scores_identically_through_lm_eval(llm, tiny_mistral, t
     import mistral_nemo.eval.lm_eval_adapter  # noqa: F401 (registers the model type)
 
     ours = tasks.run_multiple_choice(llm, tasks.read_questions(MC))
-    (tmp_path / "task.yaml").write_text(LM_EVAL_TASK.format(path=MC))
+    (tmp_path / "task.yaml").write_text(yaml.safe_dump(lm_eval_task(MC)))
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     theirs = lm_eval.simple_evaluate(
         model="mistral-nemo",
@@ -99,13 +100,17 @@ def test_generation_exact_match_and_regex(llm, tmp_path):
     prompts = ["The capital of France is", "One, two, three,"]
     greedy = SamplingParams(temperature=0, max_tokens=8, stop=["\n\n"])
     said = [o.outputs[0].text for o in llm.generate(prompts, greedy)]
-    examples = [tasks.GenerationExample(p, [s.strip().upper()]) for p, s in zip(prompts, said)]
+    examples = [
+        tasks.GenerationExample(p, [s.strip().upper()]) for p, s in zip(prompts, said, strict=True)
+    ]
     result = tasks.run_generation(llm, examples, max_tokens=8)
     assert result.exact_match == 1.0 and result.outputs == said
     wrong = [tasks.GenerationExample(p, ["no such answer"]) for p in prompts]
     assert tasks.run_generation(llm, wrong, max_tokens=8).exact_match == 0.0
     first_word = r"(\S+)"
-    examples = [tasks.GenerationExample(p, [s.split()[0]]) for p, s in zip(prompts, said)]
+    examples = [
+        tasks.GenerationExample(p, [s.split()[0]]) for p, s in zip(prompts, said, strict=True)
+    ]
     assert tasks.run_generation(llm, examples, max_tokens=8, regex=first_word).exact_match == 1.0
 
 
