@@ -5,7 +5,8 @@ the same weights, with bits per weight.
     python benchmarks/quant_quality.py [--chunks 20] [--variants fp32,int4-g32,...] [--no-llama]
 
 Text: src/mistral_nemo/eval/data/corpus.txt, split at a line boundary at `CALIBRATION_CHARS`:
-the part before calibrates (the `+gptq` variants' Hessians), the part after is evaluated
+the part before calibrates (the `+gptq` variants' Hessians, from its first
+CALIBRATION_CHUNKS x 512 tokens), the part after is evaluated
 (~97k tokens; `--chunks N` keeps its first N chunks). Protocol: llama-perplexity's at ctx
 512 (`mistral_nemo.eval.perplexity`), the same token ids for llama.cpp (its chunks and
 scored positions computed here, float32 KV cache). Each side's change is relative to its own
@@ -40,6 +41,7 @@ from mistral_nemo.eval.perplexity import CORPUS, adds_bos, chunk_windows, evalua
 from mistral_nemo.tokenizer import load_tokenizer
 
 CALIBRATION_CHARS = 100_000
+CALIBRATION_CHUNKS = 16  # of CTX tokens, from the calibration part
 CTX = 512
 # name: (from_pretrained arguments, KV cache dtype, calibrated scheme or None)
 OURS: dict[str, tuple[dict[str, object], str, tuple[str, int] | None]] = {
@@ -57,8 +59,13 @@ OURS: dict[str, tuple[dict[str, object], str, tuple[str, int] | None]] = {
     "int4-g64+gptq": ({}, "auto", ("int4", 64)),
     "int4-g128+gptq": ({}, "auto", ("int4", 128)),
 }
-LLAMA = {"F32": "ALL_F32", "Q8_0": "MOSTLY_Q8_0", "Q4_1": "MOSTLY_Q4_1", "Q4_0": "MOSTLY_Q4_0",
-         "Q4_K_M": "MOSTLY_Q4_K_M"}  # fmt: skip
+LLAMA = {
+    "F32": "ALL_F32",
+    "Q8_0": "MOSTLY_Q8_0",
+    "Q4_1": "MOSTLY_Q4_1",
+    "Q4_0": "MOSTLY_Q4_0",
+    "Q4_K_M": "MOSTLY_Q4_K_M",
+}
 
 
 def corpus_parts() -> tuple[str, str]:
@@ -72,7 +79,9 @@ def corpus_parts() -> tuple[str, str]:
 def matrix_bits(model: Transformer) -> tuple[int, int]:
     """(bits, parameters) of the linear layers and the LM head, as stored in memory."""
     bits = params = 0
-    layers = [m for b in model.layers for m in (*b.attention.children(), *b.feed_forward.children())]
+    layers = [
+        m for b in model.layers for m in (*b.attention.children(), *b.feed_forward.children())
+    ]
     for module in [*layers, model.output]:
         tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}
         bits += sum(t.numel() * t.element_size() * 8 for t in tensors.values())
@@ -87,15 +96,25 @@ def ours(name: str, path: Path, tokenizer, text: str, calibration: str, chunks: 
     if calibrated is not None:
         from mistral_nemo.quant.calibration import calibration_batches, quantize_model
 
-        batches = calibration_batches(tokenizer.encode(calibration, bos=True), CTX)
+        batches = calibration_batches(
+            tokenizer.encode(calibration, bos=True), CTX, CALIBRATION_CHUNKS
+        )
         model = quantize_model(model, *calibrated, calibration=batches)
     quantized = time.perf_counter() - start
-    result = evaluate_perplexity(model, tokenizer, text, CTX, batch=4, kv_cache_dtype=kv,
-                                 chunks=chunks)  # fmt: skip
+    result = evaluate_perplexity(
+        model, tokenizer, text, CTX, batch=4, kv_cache_dtype=kv, chunks=chunks
+    )
     bits, params = matrix_bits(model)
     groups = sorted({getattr(m, "group_size", 0) for m in model.modules()} - {0})
-    return {"variant": name, "ppl": result.ppl, "stderr": result.stderr, "bpw": bits / params,
-            "groups": groups, "quantize_s": quantized, "tokens": result.tokens}  # fmt: skip
+    return {
+        "variant": name,
+        "ppl": result.ppl,
+        "stderr": result.stderr,
+        "bpw": bits / params,
+        "groups": groups,
+        "quantize_s": quantized,
+        "tokens": result.tokens,
+    }
 
 
 @contextlib.contextmanager
@@ -143,13 +162,23 @@ def gguf_bits(path: Path) -> tuple[int, int]:
     return sum(int(t.n_bytes) * 8 for t in matrices), sum(int(t.n_elements) for t in matrices)
 
 
-def llama_perplexity(path: Path, tokens: list[int], bos_first: bool, bos: int, chunks: int | None) -> dict:
+def llama_perplexity(
+    path: Path, tokens: list[int], bos_first: bool, bos: int, chunks: int | None
+) -> dict:
     """llama-perplexity's protocol on `tokens`, as mistral_nemo.eval.perplexity runs it."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from llama_cpp_oracle import load_llama
 
-    llm = load_llama(path, n_ctx=CTX, n_batch=CTX, n_ubatch=CTX, logits_all=True,
-                     n_threads=torch.get_num_threads(), type_k=0, type_v=0)  # fmt: skip
+    llm = load_llama(
+        path,
+        n_ctx=CTX,
+        n_batch=CTX,
+        n_ubatch=CTX,
+        logits_all=True,
+        n_threads=torch.get_num_threads(),
+        type_k=0,
+        type_v=0,
+    )
     nll: list[float] = []
     for window in chunk_windows(len(tokens), CTX, bos_first)[:chunks]:
         ids = tokens[window.start : window.end]
@@ -167,8 +196,13 @@ def llama_perplexity(path: Path, tokens: list[int], bos_first: bool, bos: int, c
     ppl = math.exp(mean)
     stderr = float(np.std(nll) / math.sqrt(len(nll) - 1)) * ppl
     bits, params = gguf_bits(path)
-    return {"variant": f"llama.cpp {path.stem}", "ppl": ppl, "stderr": stderr,
-            "bpw": bits / params, "tokens": len(nll)}  # fmt: skip
+    return {
+        "variant": f"llama.cpp {path.stem}",
+        "ppl": ppl,
+        "stderr": stderr,
+        "bpw": bits / params,
+        "tokens": len(nll),
+    }
 
 
 def main() -> None:
@@ -195,18 +229,31 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             files = llama_files(Path(folder), args.llama.split(","))
             for path_ in files.values():
-                rows.append(llama_perplexity(path_, tokens, adds_bos(tokenizer),
-                                             tokenizer.bos_id, args.chunks))  # fmt: skip
+                rows.append(
+                    llama_perplexity(
+                        path_, tokens, adds_bos(tokenizer), tokenizer.bos_id, args.chunks
+                    )
+                )
                 print(table(rows[-1:], ["variant", "ppl", "bpw"]), flush=True)
     for base in ("fp32", "llama.cpp F32"):
         ref = next((r["ppl"] for r in rows if r["variant"] == base), None)
-        side = [r for r in rows if "ppl" in r and r["variant"].startswith("llama.cpp") == (base != "fp32")]
+        side = [
+            r
+            for r in rows
+            if "ppl" in r and r["variant"].startswith("llama.cpp") == (base != "fp32")
+        ]
         for r in side:
             if ref is not None:
                 r["change_%"] = 100 * (r["ppl"] / ref - 1)
     print(table(rows, ["variant", "ppl", "change_%", "stderr", "bpw", "groups", "error"]))
-    print(save(args.out, {"ctx": CTX, "chunks": args.chunks, "calibration_chars": len(calibration),
-                          "evaluated": "corpus after the calibration part", "rows": rows}))  # fmt: skip
+    payload = {
+        "ctx": CTX,
+        "chunks": args.chunks,
+        "calibration_chars": len(calibration),
+        "calibration_chunks": CALIBRATION_CHUNKS,
+        "rows": rows,
+    }
+    print(save(args.out, payload))
 
 
 if __name__ == "__main__":

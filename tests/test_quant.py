@@ -20,10 +20,16 @@ from mistral_nemo.quant import (
     Int4Linear,
     Int8Linear,
     fuse_rows,
+    grids,
     is_linear_weight,
     quantize_linear,
 )
-from mistral_nemo.quant.linear import quantize_fp8, quantize_int4, quantize_int8
+from mistral_nemo.quant.calibration import (
+    calibration_batches,
+    quantize_model,
+    quantize_with_hessian,
+)
+from mistral_nemo.quant.linear import pack_int4, quantize_fp8, quantize_int4, quantize_int8
 
 
 def weight(rows=384, cols=640, seed=0):
@@ -225,8 +231,8 @@ def test_quantize_cli(tmp_path, tiny_hf, capsys):
     generate = ["generate", str(tiny_hf), "--prompt", "Hi", "--max-tokens", "3"]
     assert main([*generate, "--quantize", "int4", "--group-size", "32"]) == 0
     capsys.readouterr()
-    assert main([*generate, "--quantize", "int4"]) == 1  # 64 inputs, groups of 128
-    assert "multiple of the group size (128)" in capsys.readouterr().err
+    # 64 inputs, groups of 128: the layers take groups of 64
+    assert main([*generate, "--quantize", "int4"]) == 0
     assert (
         main(
             [
@@ -242,3 +248,143 @@ def test_quantize_cli(tmp_path, tiny_hf, capsys):
         == 1
     )
     assert "group size" in capsys.readouterr().err
+
+
+def q4_1_weight(rows=64, cols=256, seed=0):
+    """Weights on Q4_1's grid: q * d + m per group of 32, d and m in fp16, every group
+    reaching both ends of its range (as llama.cpp's Q4_1 quantizer makes them)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (rows, cols // 32, 32), generator=g)
+    q[..., 0], q[..., 1] = 0, 15
+    d = (torch.rand(rows, cols // 32, 1, generator=g) * 0.01 + 1e-3).half().float()
+    m = (-8 * d + torch.randn(rows, cols // 32, 1, generator=g) * 1e-3).half().float()
+    return q, d, (q * d + m).reshape(rows, cols)
+
+
+def test_int4_scales_are_fp16_and_reproduce_a_q4_1_grid():
+    q, d, w = q4_1_weight()
+    codes, sz = quantize_int4(w, 32)
+    assert sz.dtype == torch.float16 and sz.shape == (8, 64, 2)
+    assert torch.equal(codes.reshape(q.shape), q.int())  # the same levels
+    assert torch.equal(sz[..., 0].t().float(), d[..., 0])  # the same step, exactly
+    layer = quantize_linear(w, "int4", group_size=32)
+    assert layer.scales_zeros.dtype == torch.float16
+    deq = layer._dequantize(0, 64)
+    # only the fp16 rounding of the zero (q = 8's value) remains: far below the grid's step
+    assert (deq - w).abs().max() < 0.01 * d.min()
+
+
+def test_int4_search_beats_min_max_on_wide_groups():
+    """With calibration, each group's grid is searched for the least error weighted by the
+    inputs' mean squares: below min/max's."""
+    w = weight()
+    importance = torch.rand(640, generator=torch.Generator().manual_seed(5)) + 0.5
+    for g in (64, 128):
+        groups = w.reshape(384, -1, g)
+        per_group = importance.reshape(-1, g)
+        errors = []
+        for scale, zero in (grids.int4_min_max(groups), grids.int4_fit(groups, per_group)):
+            deq = (grids.int4_codes(groups, scale, zero) - 8) * scale + zero
+            errors.append(((deq - groups).square() * per_group).sum())
+        assert errors[1] < 0.95 * errors[0]
+
+
+@pytest.mark.parametrize(
+    ("cols", "asked", "used"), [(576, 128, 64), (96, 128, 32), (96, 64, 32), (640, 64, 64)]
+)
+def test_every_group_size_works_on_any_width(cols, asked, used):
+    """A width the group does not divide takes the largest group size that does; the
+    layer says which."""
+    w = weight(rows=48, cols=cols)
+    layer = quantize_linear(w, "int4", group_size=asked)
+    assert layer.group_size == used and layer.scales_zeros.shape == (48, cols // used, 2)
+    x = torch.randn(2, cols)
+    with torch.inference_mode():
+        out = layer(x[:1]), layer(x)  # the kernel, and the dequantized path
+    ref = F.linear(x, w)
+    for got in (out[0], out[1][:1]):
+        assert ((got - ref[:1]).norm() / ref[:1].norm()) < 0.2
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        quantize_linear(weight(rows=8, cols=100), "int4", group_size=asked)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_kernels_read_fp16_scales(group):
+    """The C kernels against torch on scales that need fp16's mantissa (bf16 would round
+    them)."""
+    if not kernels.available(kernels.WeightKind.INT4):
+        pytest.skip("no int4 kernel on this machine")
+    g = torch.Generator().manual_seed(3)
+    rows, cols = 40, 384
+    q = torch.randint(0, 16, (rows, cols), generator=g)
+    scales = (torch.rand(cols // group, rows, generator=g) * 0.01 + 0.001).half()
+    zeros = (torch.randn(cols // group, rows, generator=g) * 0.01).half()
+    assert not torch.equal(scales.bfloat16().half(), scales)
+    layer = Int4Linear(pack_int4(q), torch.stack([scales, zeros], -1))
+    ref = (
+        (q.float() - 8).reshape(rows, -1, group) * scales.t().float()[..., None]
+        + zeros.t().float()[..., None]
+    ).reshape(rows, cols)
+    deq = kernels.dequantize_int4(layer.weight, layer.scales_zeros, group)
+    torch.testing.assert_close(deq, ref, rtol=0, atol=1e-6)
+    x = torch.randn(3, cols, generator=g)
+    got = kernels.gemv_int4(layer.weight, layer.scales_zeros, group, x)
+    expected = x @ ref.T
+    assert ((got - expected).norm() / expected.norm()) < 2e-2
+
+
+def test_int4_checkpoints_with_bf16_scales_still_load(tmp_path, tiny_hf):
+    """Files written before the scales were fp16 kept them in bf16."""
+    quantize_checkpoint(tiny_hf, tmp_path / "q", "int4", group_size=32)
+    path = tmp_path / "q" / "model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+        metadata = f.metadata()
+    new = Transformer.from_pretrained(tmp_path / "q")
+    old = {n: t.bfloat16() if n.endswith("scales_zeros") else t for n, t in tensors.items()}
+    save_file(old, str(path), metadata=metadata)
+    loaded = Transformer.from_pretrained(tmp_path / "q")
+    layer = loaded.layers[0].attention.wq
+    assert isinstance(layer, Int4Linear) and layer.scales_zeros.dtype == torch.float16
+    tokens = torch.tensor([[1, 2000, 3000, 4000]])
+    with torch.inference_mode():
+        a, b = new(tokens), loaded(tokens)
+    assert ((a - b).norm() / a.norm()) < 0.05  # bf16's rounding of the scales alone
+
+
+@pytest.mark.parametrize("scheme", ["fp8-channel", "int8", "int4"])
+def test_gptq_keeps_outputs_closer_than_rounding(scheme):
+    """With correlated inputs, error feedback rounds a layer so that its outputs on those
+    inputs move less than the plain quantizer's."""
+    g = torch.Generator().manual_seed(4)
+    mix = torch.randn(256, 256, generator=g) / 16
+    x = torch.randn(2048, 256, generator=g) @ mix + torch.randn(256, generator=g)
+    w = weight(rows=96, cols=256)
+    hessian = (x.T @ x).double()
+    ref = x @ w.T
+    plain = quantize_linear(w, scheme, group_size=64)
+    gptq = quantize_with_hessian(w, scheme, 64, hessian)
+    assert type(gptq) is type(plain)
+    with torch.inference_mode():
+        errors = [((layer(x) - ref).norm() / ref.norm()).item() for layer in (plain, gptq)]
+    assert errors[1] < 0.8 * errors[0], errors
+
+
+def test_quantize_model_with_calibration(tiny_mistral):
+    """GPTQ on calibration tokens moves the logits on other tokens less than quantizing
+    on load does."""
+    model = Transformer.from_pretrained(tiny_mistral)
+    on_load = Transformer.from_pretrained(tiny_mistral, quantize="int4", group_size=128)
+    sample = torch.randint(1000, 131072, (1, 120), generator=torch.Generator().manual_seed(1))
+    tokens, calibration = sample[:, :24], sample[0, 24:].tolist()
+    with torch.inference_mode():
+        ref, plain = model(tokens).log_softmax(-1), on_load(tokens).log_softmax(-1)
+    batches = calibration_batches(calibration, 32)
+    assert len(batches) == 3 and batches[0].shape == (1, 32)
+    quantize_model(model, "int4", 128, batches)
+    assert isinstance(model.layers[0].feed_forward.w2, Int4Linear)
+    assert isinstance(model.output, Int4Linear) and model.output.group_size == 64
+    with torch.inference_mode():
+        out = model(tokens).log_softmax(-1)
+    kl = [F.kl_div(x, ref, log_target=True, reduction="batchmean") for x in (plain, out)]
+    assert kl[1] < kl[0], kl

@@ -33,22 +33,17 @@ def check_scheme(scheme: str, group_size: int = 128) -> None:
         raise ConfigError(f"int4 group size must be one of {GROUP_SIZES}, got {group_size}")
 
 
-def quantize_linear(
-    weight: torch.Tensor,
-    scheme: str,
-    group_size: int = 128,
-    importance: torch.Tensor | None = None,
-) -> nn.Module:
+def quantize_linear(weight: torch.Tensor, scheme: str, group_size: int = 128) -> nn.Module:
     """`weight` [out, in] as a quantized layer. int4 takes groups of `group_size` inputs, or
     the largest of GROUP_SIZES that divides the input size (`int4_group_size`; the layer's
-    `group_size` says which). `importance` [in] (the mean square of each input from
-    calibration) weights the scales' search toward the inputs that matter."""
+    `group_size` says which). `quant.calibration.quantize_model` does better with
+    calibration text."""
     check_scheme(scheme, group_size)
     if scheme.startswith("fp8"):
-        return Fp8Linear(*quantize_fp8(weight, scheme == "fp8-channel", importance))
+        return Fp8Linear(*quantize_fp8(weight, per_channel=scheme == "fp8-channel"))
     if scheme == "int8":
-        return Int8Linear(*quantize_int8(weight, importance))
-    q, scales_zeros = quantize_int4(weight, group_size, importance)
+        return Int8Linear(*quantize_int8(weight))
+    q, scales_zeros = quantize_int4(weight, group_size)
     return Int4Linear(pack_int4(q), scales_zeros)
 
 

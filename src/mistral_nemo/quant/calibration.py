@@ -39,9 +39,9 @@ def _linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
     return {
         name: module
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and (name == "output" or ".attention.w" in name
-                                              or ".feed_forward.w" in name)
-    }  # fmt: skip
+        if isinstance(module, nn.Linear)
+        and (name == "output" or ".attention.w" in name or ".feed_forward.w" in name)
+    }
 
 
 @torch.inference_mode()
@@ -49,7 +49,7 @@ def input_hessians(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[st
     """X^T X (float64 [in, in]) of the inputs of every linear layer over `batches` of tokens."""
     hessians: dict[str, torch.Tensor] = {}
 
-    def hook(name: str):  # type: ignore[no-untyped-def]
+    def hook(name: str):  # noqa: ANN202 (a forward hook)
         def accumulate(module: nn.Module, inputs: tuple[torch.Tensor, ...], _: object) -> None:
             x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
             product = (x.T @ x).double()
@@ -84,38 +84,43 @@ def quantize_with_hessian(
     w: torch.Tensor, scheme: str, group_size: int, hessian: torch.Tensor
 ) -> nn.Module:
     """One weight [out, in] as a quantized layer, rounded by GPTQ with the X^T X of its
-    inputs; each grid's search is weighted by the inputs' mean squares."""
-    importance = (hessian.diagonal() / hessian.diagonal().mean().clamp(min=1e-30)).float()
-    fitted: list[tuple[torch.Tensor, ...]] = []
-    cols = w.shape[1]
+    inputs; int4's search of each group's grid is weighted by the inputs' mean squares."""
     if scheme == "int4":
-        group = int4_group_size(cols, group_size)
+        return _int4_gptq(w, int4_group_size(w.shape[1], group_size), hessian)
+    return _per_row_gptq(w, scheme, hessian)
 
-        def fit(columns: torch.Tensor) -> Rounder:
-            start = len(fitted) * group
-            scale, zero = grids.int4_fit(columns, importance[start : start + group])
-            fitted.append((scale, zero))
-            return lambda col: ((grids.int4_codes(col[:, None], scale, zero) - 8) * scale
-                                + zero)[:, 0]  # fmt: skip
 
-        rounded = gptq(w, hessian, fit, group)
-        scale, zero = (torch.cat(t, dim=1) for t in zip(*fitted, strict=True))
-        groups = rounded.reshape(w.shape[0], -1, group)
-        codes = grids.int4_codes(groups, scale[..., None], zero[..., None]).reshape(w.shape)
-        return Int4Linear(pack_int4(codes), torch.stack([scale, zero], -1).transpose(0, 1))
+def _int4_gptq(w: torch.Tensor, group: int, hessian: torch.Tensor) -> Int4Linear:
+    importance = (hessian.diagonal() / hessian.diagonal().mean().clamp(min=1e-30)).float()
+    fitted: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def fit(columns: torch.Tensor) -> Rounder:
+        start = len(fitted) * group
+        scale, zero = grids.int4_fit(columns, importance[start : start + group])
+        fitted.append((scale, zero))
+
+        def round_column(col: torch.Tensor) -> torch.Tensor:
+            codes = grids.int4_codes(col[:, None], scale, zero)
+            return ((codes - 8) * scale + zero)[:, 0]
+
+        return round_column
+
+    rounded = gptq(w, hessian, fit, group)
+    scale, zero = (torch.cat(t, dim=1) for t in zip(*fitted, strict=True))
+    groups = rounded.reshape(w.shape[0], -1, group)
+    codes = grids.int4_codes(groups, scale[..., None], zero[..., None]).reshape(w.shape)
+    return Int4Linear(pack_int4(codes), torch.stack([scale, zero], -1).transpose(0, 1))
+
+
+def _per_row_gptq(w: torch.Tensor, scheme: str, hessian: torch.Tensor) -> nn.Module:
+    """int8, fp8-channel (a scale per row) or fp8 (one scale): absmax scales, fitted before
+    any rounding."""
     kind = "int8" if scheme == "int8" else "fp8"
     round_ = grids.int8_round if kind == "int8" else grids.fp8_round
-
-    def fit_rows(columns: torch.Tensor) -> Rounder:
-        if scheme == "fp8":
-            scale = grids.tensor_scale(lambda: [columns], importance).expand(columns.shape[0])
-        else:
-            scale = grids.row_scales(columns, kind, importance)
-        fitted.append((scale,))
-        return lambda col: round_(col, scale).float() * scale
-
-    rounded = gptq(w, hessian, fit_rows, cols)
-    scale = fitted[0][0]
+    scale = grids.absmax_scales(w.float(), kind)
+    if scheme == "fp8":
+        scale = scale.max().expand(w.shape[0])
+    rounded = gptq(w, hessian, lambda _: lambda col: round_(col, scale).float() * scale, w.shape[1])
     q = round_(rounded, scale[:, None])
     if scheme == "int8":
         return Int8Linear(q, scale)

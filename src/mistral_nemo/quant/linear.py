@@ -37,29 +37,22 @@ def _row_chunks(w: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
         yield rows, w[rows].float()
 
 
-def quantize_fp8(
-    w: torch.Tensor, per_channel: bool = False, importance: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """E4M3 weights and fp32 scales (one, or one per output row) with w ~ q * scale, each
-    scale the one of least (importance-weighted) squared error (`grids`)."""
-    if per_channel:
-        scale = torch.cat([grids.row_scales(c, "fp8", importance) for _, c in _row_chunks(w)])
-    else:
-        scale = grids.tensor_scale(lambda: (c for _, c in _row_chunks(w)), importance)
+def quantize_fp8(w: torch.Tensor, per_channel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """E4M3 weights and fp32 scales (one, or one per output row) with w ~ q * scale."""
+    amax = torch.cat([grids.absmax_scales(c, "fp8") for _, c in _row_chunks(w)])
+    scale = amax if per_channel else amax.max().reshape(1)
     q = torch.empty(w.shape, dtype=FP8, device=w.device)
     for rows, c in _row_chunks(w):
         q[rows] = grids.fp8_round(c, scale[rows, None] if per_channel else scale)
     return q, scale
 
 
-def quantize_int8(
-    w: torch.Tensor, importance: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel int8 weights and fp32 scales (`grids.row_scales`)."""
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8 weights and fp32 scales."""
     q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
     scales = []
     for rows, c in _row_chunks(w):
-        scale = grids.row_scales(c, "int8", importance)
+        scale = grids.absmax_scales(c, "int8")
         q[rows] = grids.int8_round(c, scale[:, None])
         scales.append(scale)
     return q, torch.cat(scales)
@@ -77,21 +70,17 @@ def int4_group_size(cols: int, group_size: int) -> int:
     return max(fits)
 
 
-def quantize_int4(
-    w: torch.Tensor, group_size: int, importance: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Asymmetric int4 per group of `int4_group_size(cols, group_size)` input columns:
     values 0..15 (int32, not packed) and [groups, out, 2] (scale, zero) fp16 with
-    w ~ (q - 8) * scale + zero, fitted per group by `grids.int4_fit`."""
+    w ~ (q - 8) * scale + zero, min to max per group (`grids.int4_min_max`)."""
     cols = w.shape[1]
     group_size = int4_group_size(cols, group_size)
-    if importance is not None:
-        importance = importance.float().reshape(cols // group_size, group_size)
     q = torch.empty(w.shape, dtype=torch.int32, device=w.device)
     parts = []
     for rows, c in _row_chunks(w):
         g = c.reshape(c.shape[0], cols // group_size, group_size)
-        scale, zero = grids.int4_fit(g, importance)
+        scale, zero = grids.int4_min_max(g)
         q[rows] = grids.int4_codes(g, scale, zero).reshape(c.shape)
         parts.append(torch.cat([scale, zero], dim=-1))
     return q, torch.cat(parts).transpose(0, 1).to(torch.float16).contiguous()
