@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,26 +39,40 @@ from common import save, table
 from mistral_nemo import Transformer
 from mistral_nemo.demo import demo_model_path
 from mistral_nemo.eval.perplexity import CORPUS, adds_bos, chunk_windows, evaluate_perplexity
+from mistral_nemo.quant import quantize_linear
+from mistral_nemo.quant.calibration import calibration_batches, quantize_model
 from mistral_nemo.tokenizer import load_tokenizer
 
 CALIBRATION_CHARS = 100_000
 CALIBRATION_CHUNKS = 16  # of CTX tokens, from the calibration part
 CTX = 512
-# name: (from_pretrained arguments, KV cache dtype, calibrated scheme or None)
-OURS: dict[str, tuple[dict[str, object], str, tuple[str, int] | None]] = {
-    "fp32": ({}, "auto", None),
-    "bf16": ({"dtype": torch.bfloat16}, "auto", None),
-    "fp8": ({"quantize": "fp8"}, "auto", None),
-    "fp8-channel": ({"quantize": "fp8-channel"}, "auto", None),
-    "int8": ({"quantize": "int8"}, "auto", None),
-    "int4-g32": ({"quantize": "int4", "group_size": 32}, "auto", None),
-    "int4-g64": ({"quantize": "int4", "group_size": 64}, "auto", None),
-    "int4-g128": ({"quantize": "int4", "group_size": 128}, "auto", None),
-    "fp32 + fp8 KV": ({}, "fp8", None),
-    "fp8-channel+gptq": ({}, "auto", ("fp8-channel", 128)),
-    "int8+gptq": ({}, "auto", ("int8", 128)),
-    "int4-g64+gptq": ({}, "auto", ("int4", 64)),
-    "int4-g128+gptq": ({}, "auto", ("int4", 128)),
+
+
+@dataclass(frozen=True)
+class Variant:
+    load: dict[str, object] = field(default_factory=dict)  # from_pretrained's arguments
+    kv: str = "auto"  # KV cache dtype
+    calibrated: tuple[str, int] | None = None  # (scheme, group size) by quantize_model
+    head: str | None = None  # the LM head's scheme, where not the layers'
+
+
+OURS = {
+    "fp32": Variant(),
+    "bf16": Variant({"dtype": torch.bfloat16}),
+    "fp8": Variant({"quantize": "fp8"}),
+    "fp8-channel": Variant({"quantize": "fp8-channel"}),
+    "int8": Variant({"quantize": "int8"}),
+    "int4-g32": Variant({"quantize": "int4", "group_size": 32}),
+    "int4-g64": Variant({"quantize": "int4", "group_size": 64}),
+    "int4-g128": Variant({"quantize": "int4", "group_size": 128}),
+    "int4-g32, int8 head": Variant({"quantize": "int4", "group_size": 32}, head="int8"),
+    "fp32 + fp8 KV": Variant(kv="fp8"),
+    "fp8-channel+gptq": Variant(calibrated=("fp8-channel", 128)),
+    "int8+gptq": Variant(calibrated=("int8", 128)),
+    "int4-g64+gptq": Variant(calibrated=("int4", 64)),
+    "int4-g128+gptq": Variant(calibrated=("int4", 128)),
+    "int4-g64+gptq, int8 head": Variant(calibrated=("int4", 64), head="int8"),
+    "int4-g128+gptq, int8 head": Variant(calibrated=("int4", 128), head="int8"),
 }
 LLAMA = {
     "F32": "ALL_F32",
@@ -90,19 +105,18 @@ def matrix_bits(model: Transformer) -> tuple[int, int]:
 
 
 def ours(name: str, path: Path, tokenizer, text: str, calibration: str, chunks: int | None) -> dict:
-    kwargs, kv, calibrated = OURS[name]
+    variant = OURS[name]
     start = time.perf_counter()
-    model = Transformer.from_pretrained(path, **kwargs)  # type: ignore[arg-type]
-    if calibrated is not None:
-        from mistral_nemo.quant.calibration import calibration_batches, quantize_model
-
-        batches = calibration_batches(
-            tokenizer.encode(calibration, bos=True), CTX, CALIBRATION_CHUNKS
-        )
-        model = quantize_model(model, *calibrated, calibration=batches)
+    model = Transformer.from_pretrained(path, **variant.load)  # type: ignore[arg-type]
+    if variant.calibrated is not None:
+        tokens = tokenizer.encode(calibration, bos=True)
+        batches = calibration_batches(tokens, CTX, CALIBRATION_CHUNKS)
+        model = quantize_model(model, *variant.calibrated, batches, head_scheme=variant.head)
+    elif variant.head is not None:  # the tied embedding, requantized
+        model.output = quantize_linear(model.tok_embeddings.weight, variant.head)
     quantized = time.perf_counter() - start
     result = evaluate_perplexity(
-        model, tokenizer, text, CTX, batch=4, kv_cache_dtype=kv, chunks=chunks
+        model, tokenizer, text, CTX, batch=4, kv_cache_dtype=variant.kv, chunks=chunks
     )
     bits, params = matrix_bits(model)
     groups = sorted({getattr(m, "group_size", 0) for m in model.modules()} - {0})
