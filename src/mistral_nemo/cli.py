@@ -394,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_loading_options(p)
     p.add_argument("file", help="UTF-8 text, e.g. the package's eval/data/corpus.txt")
     p.add_argument("--ctx", type=int, default=512, help="tokens per chunk (or window)")
-    p.add_argument("--batch", type=int, default=4, help="chunks per forward pass")
+    p.add_argument("--batch", type=int, default=8, help="chunks per forward pass")
     p.add_argument(
         "--stride",
         type=int,
