@@ -65,14 +65,14 @@ OURS = {
     "int4-g32": Variant({"quantize": "int4", "group_size": 32}),
     "int4-g64": Variant({"quantize": "int4", "group_size": 64}),
     "int4-g128": Variant({"quantize": "int4", "group_size": 128}),
-    "int4-g32, int8 head": Variant({"quantize": "int4", "group_size": 32}, head="int8"),
+    "int4-g32 int8-head": Variant({"quantize": "int4", "group_size": 32}, head="int8"),
     "fp32 + fp8 KV": Variant(kv="fp8"),
     "fp8-channel+gptq": Variant(calibrated=("fp8-channel", 128)),
     "int8+gptq": Variant(calibrated=("int8", 128)),
     "int4-g64+gptq": Variant(calibrated=("int4", 64)),
     "int4-g128+gptq": Variant(calibrated=("int4", 128)),
-    "int4-g64+gptq, int8 head": Variant(calibrated=("int4", 64), head="int8"),
-    "int4-g128+gptq, int8 head": Variant(calibrated=("int4", 128), head="int8"),
+    "int4-g64+gptq int8-head": Variant(calibrated=("int4", 64), head="int8"),
+    "int4-g128+gptq int8-head": Variant(calibrated=("int4", 128), head="int8"),
 }
 LLAMA = {
     "F32": "ALL_F32",

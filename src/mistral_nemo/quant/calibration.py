@@ -1,7 +1,7 @@
 """Quantizing a loaded model with calibration text: the inputs each linear layer sees on a
 few thousand tokens give it H = X^T X, which GPTQ (`gptq`) uses to round the layer's
-weights so that its outputs move least, and whose diagonal weights the search of each grid
-toward the inputs that matter (`grids`).
+weights so that its outputs move least, and whose diagonal weights int4's search of each
+group's grid toward the inputs that matter (`grids.int4_fit`).
 
 Unlike `from_pretrained(..., quantize=...)`, which quantizes tensor by tensor as it reads,
 this needs the full-precision model in memory first.
