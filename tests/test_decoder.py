@@ -112,8 +112,9 @@ def test_decode_step_matches_the_modules(checkpoint, scheme, cache):
     fast = decode_logits(model, cache, through_c=True)
     slow = decode_logits(model, cache, through_c=False)
     # fp32 agrees to rounding. The quantized kernels round activations to int8 (bf16 for
-    # fp8) first, where a last-bit difference upstream can flip a rounding: ~0.3% here.
-    tolerance = 1e-5 if scheme == "fp32" else 1e-2
+    # fp8) first, where a last-bit difference upstream can flip a rounding: 0.3-1.3% here
+    # once one has (a flipped key or value stays in the cache).
+    tolerance = 1e-5 if scheme == "fp32" else 2e-2
     assert (fast - slow).abs().max() < tolerance * slow.abs().max()
 
 

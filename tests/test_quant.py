@@ -370,9 +370,10 @@ def test_gptq_keeps_outputs_closer_than_rounding(scheme):
     assert errors[1] < 0.8 * errors[0], errors
 
 
-def test_quantize_model_with_calibration(tiny_mistral):
+def test_quantize_model_with_calibration(tiny_mistral, tmp_path):
     """GPTQ on calibration tokens moves the logits on other tokens less than quantizing
-    on load does (given more calibration tokens than the widest layer has inputs)."""
+    on load does (given more calibration tokens than the widest layer has inputs); the
+    result is written as a quantized checkpoint that loads back unchanged."""
     model = Transformer.from_pretrained(tiny_mistral)
     on_load = Transformer.from_pretrained(tiny_mistral, quantize="int4", group_size=128)
     sample = torch.randint(1000, 131072, (1, 408), generator=torch.Generator().manual_seed(1))
@@ -383,8 +384,30 @@ def test_quantize_model_with_calibration(tiny_mistral):
     assert len(batches) == 12 and batches[0].shape == (1, 32)
     quantize_model(model, "int4", 128, batches)
     assert isinstance(model.layers[0].feed_forward.w2, Int4Linear)
-    assert isinstance(model.output, Int4Linear) and model.output.group_size == 64
+    assert model.layers[0].attention.wq.group_size == 64  # 64 inputs: the largest that fits
+    assert isinstance(model.output, Int8Linear) and isinstance(on_load.output, Int8Linear)
     with torch.inference_mode():
         out = model(tokens).log_softmax(-1)
     kl = [F.kl_div(x, ref, log_target=True, reduction="batchmean") for x in (plain, out)]
     assert kl[1] < kl[0], kl
+    model.save_pretrained(tmp_path / "gptq", layout="hf")
+    loaded = Transformer.from_pretrained(tmp_path / "gptq")
+    assert isinstance(loaded.output, Int8Linear)
+    with torch.inference_mode():
+        assert torch.equal(loaded(tokens).log_softmax(-1), out)
+    with pytest.raises(CheckpointError, match="Hugging Face layout"):
+        model.save_pretrained(tmp_path / "mistral", layout="mistral")
+
+
+def test_quantize_cli_with_calibration_text(tmp_path, tiny_hf):
+    text = " ".join(f"word{i} and some more text {i * 7}" for i in range(400))
+    (tmp_path / "calib.txt").write_text(text)
+    args = ["quantize", str(tiny_hf), str(tmp_path / "q"), "--scheme", "fp8-channel"]
+    assert main([*args, "--calibration", str(tmp_path / "calib.txt")]) == 0
+    loaded = Transformer.from_pretrained(tmp_path / "q")
+    assert isinstance(loaded.layers[1].feed_forward.w2, Fp8Linear)
+    assert (tmp_path / "q" / "tekken.json").is_file()
+    (tmp_path / "short.txt").write_text("too short")
+    short = [*args[:2], str(tmp_path / "q2"), *args[3:], "--calibration"]
+    assert main([*short, str(tmp_path / "short.txt")]) == 1
+    assert not (tmp_path / "q2").exists()

@@ -289,7 +289,15 @@ class Transformer(nn.Module):
         )
 
     def save_pretrained(
-        self, path: str | Path, layout: str = "mistral", progress: bool = False
+        self,
+        path: str | Path,
+        layout: str = "mistral",
+        progress: bool = False,
+        dtype: torch.dtype | None = None,
+        extra_files: dict[str, Path | bytes] | None = None,
     ) -> None:
-        """Write a checkpoint folder in `layout` ("mistral" or "hf"), atomically."""
-        save_model(self, path, layout=layout, progress=progress)
+        """Write a checkpoint folder in `layout` ("mistral" or "hf"), atomically, in `dtype`
+        (default: the weights' own), `extra_files` (name: path or bytes) beside it."""
+        save_model(
+            self, path, layout=layout, progress=progress, extra_files=extra_files, dtype=dtype
+        )

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from mistral_nemo.checkpoint.reading import open_checkpoint
 from mistral_nemo.config import ModelConfig
 from mistral_nemo.errors import CheckpointError
-from mistral_nemo.quant import check_scheme, is_linear_weight, quantize_linear
+from mistral_nemo.quant import check_scheme, is_linear_weight, layer_scheme, quantize_linear
 
 Model = TypeVar("Model", bound=nn.Module)
 
@@ -52,14 +52,16 @@ def load_model(
             setattr(model.get_submodule(parent), attr, ckpt.load_quantized(name, device))
         elif quantize and is_linear_weight(name):
             weight = ckpt.load(name, device=device)
-            layer = quantize_linear(weight, quantize, group_size)
+            layer = quantize_linear(weight, layer_scheme(name, quantize), group_size)
             setattr(model.get_submodule(parent), attr, layer)
             del weight
         else:
             state[name] = ckpt.load(name, dtype, device)
     if ckpt.config.tie_embeddings and quantize:
         # The LM head reads the whole table every token: a quantized copy of it pays.
-        head = quantize_linear(state["tok_embeddings.weight"], quantize, group_size)
+        head = quantize_linear(
+            state["tok_embeddings.weight"], layer_scheme("output", quantize), group_size
+        )
         setattr(model, "output", head)  # noqa: B010 (a quantized layer, not a Linear)
     elif ckpt.config.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]

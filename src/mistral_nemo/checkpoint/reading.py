@@ -19,7 +19,7 @@ from mistral_nemo.checkpoint.gguf_file import GGUFFile, GGUFTensor, gguf_tensors
 from mistral_nemo.checkpoint.safetensors_io import LazyTensor, TensorSource, scan
 from mistral_nemo.config import ModelConfig
 from mistral_nemo.errors import CheckpointError
-from mistral_nemo.quant import is_linear_weight
+from mistral_nemo.quant import is_linear_weight, layer_scheme
 from mistral_nemo.quant.stored import (
     COMPANIONS,
     MISTRAL_NAMES,
@@ -212,9 +212,14 @@ def _validate(
 ) -> None:
     expected = layouts.expected_shapes(config)
     if quant is not None:
+        head = tensors.get("output.weight")
         for name, shape in expected.items():
             if is_linear_weight(name):
-                expected[name] = stored_shapes(quant[0], shape, quant[1])["weight"][0]
+                scheme = layer_scheme(name, quant[0])
+                as_layers = stored_shapes(quant[0], shape, quant[1])["weight"][0]
+                if name == "output.weight" and head is not None and head.shape == as_layers:
+                    scheme = quant[0]  # written before an int4 model's head was kept in int8
+                expected[name] = stored_shapes(scheme, shape, quant[1])["weight"][0]
     if config.tie_embeddings:
         tensors.pop("output.weight", None)  # some tied checkpoints store the copy anyway
     for name, t in tensors.items():

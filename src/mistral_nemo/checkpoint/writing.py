@@ -7,20 +7,29 @@ import json
 import os
 import shutil
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from mistral_nemo.checkpoint import layouts
 from mistral_nemo.checkpoint.safetensors_io import TensorSource, write
 from mistral_nemo.config import ModelConfig
 from mistral_nemo.errors import CheckpointError
-from mistral_nemo.quant import is_linear_weight
-from mistral_nemo.quant.stored import quantization_config, quantized_tensors, stored_shapes
+from mistral_nemo.quant import is_linear_weight, layer_scheme
+from mistral_nemo.quant.stored import (
+    QUANTIZED_LAYERS,
+    permute_rows,
+    quantization_config,
+    quantized_tensors,
+    scheme_of,
+    stored_shapes,
+    stored_tensors,
+)
 
 if TYPE_CHECKING:
     from mistral_nemo.model import Transformer
@@ -38,16 +47,19 @@ def write_checkpoint(
     progress: bool = False,
     shard_bytes: int = HF_SHARD_BYTES,
     quantize: tuple[str, int] | None = None,
+    layers: Mapping[str, nn.Module] | None = None,
 ) -> None:
     """Write a checkpoint folder from tensors in our layout, into a temporary folder that is
     renamed to `dst` only once complete. `quantize` (scheme, group size) quantizes the
-    linear layers as they are written (Hugging Face layout only).
+    linear layers as they are written (Hugging Face layout only), except those given
+    already quantized in `layers` (by weight name), whose stored tensors are written as
+    they are.
 
     `extra_files` maps file names to a file to copy or to the bytes to write.
     """
     if layout not in LAYOUTS:
         raise CheckpointError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
-    if quantize is not None and layout != "hf":
+    if (quantize is not None or layers) and layout != "hf":
         raise CheckpointError("quantized checkpoints are written in the Hugging Face layout")
     dst = Path(dst)
     if dst.exists() and not (dst.is_dir() and not any(dst.iterdir())):
@@ -63,7 +75,9 @@ def write_checkpoint(
             write(tmp / "consolidated.safetensors", sources, lambda _: bar.update())
             (tmp / "params.json").write_text(json.dumps(config.to_params(), indent=2) + "\n")
         else:
-            _write_hf(tmp, config, sources, shard_bytes, lambda _: bar.update(), quantize)
+            _write_hf(
+                tmp, config, sources, shard_bytes, lambda _: bar.update(), quantize, layers or {}
+            )
             hf_config = config.to_hf(dtype)
             if quantize is not None:
                 hf_config["quantization_config"] = quantization_config(*quantize)
@@ -103,9 +117,18 @@ def _write_hf(
     sources: dict[str, TensorSource],
     shard_bytes: int,
     on_tensor: Callable[[str], None],
-    quantize: tuple[str, int] | None = None,
+    quantize: tuple[str, int] | None,
+    layers: Mapping[str, nn.Module],
 ) -> None:
     hf: dict[str, TensorSource] = {}
+    for name, layer in layers.items():
+        stored = stored_tensors(layer)
+        heads = layouts.rotary_heads(name, config)
+        if heads is not None:
+            stored = permute_rows(stored, partial(layouts.mistral_to_hf_rows, n_heads=heads))
+        base = layouts.hf_name(name).removesuffix(".weight")
+        for suffix, t in stored.items():
+            hf[f"{base}.{suffix}"] = TensorSource(tuple(t.shape), t.dtype, t.contiguous)
     for name, src in sources.items():
         heads = layouts.rotary_heads(name, config)
         if heads is not None:
@@ -115,11 +138,10 @@ def _write_hf(
                 partial(_to_hf_rows, src.produce, heads),
             )
         if quantize is not None and is_linear_weight(name):
-            once = _QuantizedOnce(src.produce, *quantize)
+            scheme = layer_scheme(name, quantize[0])
+            once = _QuantizedOnce(src.produce, scheme, quantize[1])
             base = layouts.hf_name(name).removesuffix(".weight")
-            for suffix, (shape, dtype) in stored_shapes(
-                quantize[0], src.shape, quantize[1]
-            ).items():
+            for suffix, (shape, dtype) in stored_shapes(scheme, src.shape, quantize[1]).items():
                 hf[f"{base}.{suffix}"] = TensorSource(shape, dtype, partial(once.get, suffix))
             continue
         hf[layouts.hf_name(name)] = src
@@ -155,11 +177,42 @@ def save_model(
     layout: str = "mistral",
     progress: bool = False,
     extra_files: dict[str, Path | bytes] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> None:
-    """Write `model`'s weights and config as a checkpoint folder in `layout`."""
+    """Write `model`'s weights and config as a checkpoint folder in `layout`, cast to
+    `dtype` (one tensor at a time) when given. A model with quantized linear layers (from
+    `quant.calibration.quantize_model`) is written quantized, in the Hugging Face layout."""
     state = model.state_dict()
-    sources = {
-        name: TensorSource(shape, state[name].dtype, partial(state.__getitem__, name))
-        for name, shape in layouts.expected_shapes(model.config).items()
+    quantized = {
+        f"{name}.weight": module
+        for name, module in model.named_modules()
+        if isinstance(module, QUANTIZED_LAYERS)
+        # A tied head is the embedding table's: the loader quantizes it again.
+        and not (name == "output" and model.config.tie_embeddings)
     }
-    write_checkpoint(path, model.config, layout, sources, extra_files, progress)
+
+    def produce(name: str) -> torch.Tensor:
+        return state[name] if dtype is None else state[name].to(dtype)
+
+    sources = {
+        name: TensorSource(shape, dtype or state[name].dtype, partial(produce, name))
+        for name, shape in layouts.expected_shapes(model.config).items()
+        if name not in quantized
+    }
+    scheme = None
+    if quantized:
+        # The layers' scheme (not the head's); a layer whose width the group size does
+        # not divide has a smaller group, so the checkpoint's is the largest.
+        body = [m for n, m in quantized.items() if n != "output.weight"]
+        kinds = [scheme_of(m) for m in body or quantized.values()]
+        scheme = (kinds[0][0], max(group for _, group in kinds))
+    write_checkpoint(
+        path,
+        model.config,
+        layout,
+        sources,
+        extra_files,
+        progress,
+        quantize=scheme,
+        layers=quantized,
+    )

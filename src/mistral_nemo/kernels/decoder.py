@@ -36,7 +36,7 @@ _KV_LAYOUTS, _LONGS = ffi.typeof("kv_layout_t[]"), ffi.typeof("long[]")
 class LinearSpec(NamedTuple):
     """A linear layer as the kernels read it. The weight's dtype says its kind: fp32, bf16,
     float8_e4m3fn (`scale`: fp32, one or one per row), int8 (`scale`: fp32 per row) or
-    uint8, int4 packed two a byte (`scale`: (scale, zero) bf16 [rows, groups, 2], `group`
+    uint8, int4 packed two a byte (`scale`: (scale, zero) fp16 [rows, groups, 2], `group`
     its group size)."""
 
     weight: torch.Tensor

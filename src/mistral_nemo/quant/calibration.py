@@ -10,11 +10,13 @@ this needs the full-precision model in memory first.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from mistral_nemo.quant import grids
+from mistral_nemo.errors import ConfigError
+from mistral_nemo.quant import check_scheme, grids, layer_scheme
 from mistral_nemo.quant.gptq import Rounder, gptq
 from mistral_nemo.quant.linear import (
     Fp8Linear,
@@ -81,7 +83,7 @@ def quantize_model(
     hessians = input_hessians(model, calibration)
     for name, module in _linear_layers(model).items():
         parent, _, attr = name.rpartition(".")
-        kind = head_scheme if name == "output" and head_scheme else scheme
+        kind = head_scheme if name == "output" and head_scheme else layer_scheme(name, scheme)
         layer = quantize_with_hessian(module.weight.detach(), kind, group_size, hessians[name])
         setattr(model.get_submodule(parent) if parent else model, attr, layer)
     return model
@@ -132,3 +134,29 @@ def _per_row_gptq(w: torch.Tensor, scheme: str, hessian: torch.Tensor) -> nn.Mod
     if scheme == "int8":
         return Int8Linear(q, scale)
     return Fp8Linear(q, scale if scheme == "fp8-channel" else scale[:1])
+
+
+def quantize_checkpoint_calibrated(
+    src: str | Path,
+    dst: str | Path,
+    scheme: str,
+    group_size: int,
+    text: str,
+    ctx: int = 512,
+    count: int = 16,
+) -> None:
+    """Write a quantized copy of checkpoint `src` (Hugging Face layout) rounded by GPTQ on
+    up to `count` windows of `ctx` tokens of `text`. Needs the model in fp32 in memory."""
+    from mistral_nemo.checkpoint.reading import open_checkpoint
+    from mistral_nemo.model import Transformer
+    from mistral_nemo.tokenizer import load_tokenizer
+
+    check_scheme(scheme, group_size)
+    source = open_checkpoint(src)
+    model = Transformer.from_pretrained(src, dtype=torch.float32)
+    ctx = min(ctx, model.config.max_seq_len)
+    batches = calibration_batches(load_tokenizer(src).encode(text, bos=True), ctx, count)
+    if not batches:
+        raise ConfigError(f"calibration text is shorter than one window of {ctx} tokens")
+    quantize_model(model, scheme, group_size, batches)
+    model.save_pretrained(dst, "hf", dtype=source.dtype, extra_files=source.companion_files())

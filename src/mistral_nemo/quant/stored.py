@@ -58,6 +58,34 @@ def quantized_tensors(w: torch.Tensor, scheme: str, group_size: int) -> dict[str
     return {"weight": pack_int4(q4), "weight_scales_zeros": scales_zeros}
 
 
+QUANTIZED_LAYERS = (Fp8Linear, Int8Linear, Int4Linear)
+
+
+def scheme_of(layer: nn.Module) -> tuple[str, int]:
+    """(scheme, group size) of a quantized layer."""
+    if isinstance(layer, Int4Linear):
+        return "int4", layer.group_size
+    if isinstance(layer, Int8Linear):
+        return "int8", 128
+    if isinstance(layer, Fp8Linear):
+        return ("fp8-channel" if layer.weight_scale.numel() > 1 else "fp8"), 128
+    raise TypeError(f"not a quantized layer: {type(layer).__name__}")
+
+
+def stored_tensors(layer: nn.Module) -> dict[str, torch.Tensor]:
+    """The stored tensors of a quantized layer (one built by GPTQ, say), by suffix: the
+    inverse of `layer_from_stored`."""
+    if isinstance(layer, Int4Linear):
+        return {"weight": layer.weight, "weight_scales_zeros": layer.scales_zeros.transpose(0, 1)}
+    if isinstance(layer, Int8Linear):
+        return {"weight": layer.weight, "weight_scale": layer.weight_scale}
+    if isinstance(layer, Fp8Linear):
+        per_channel = layer.weight_scale.numel() > 1
+        scale = layer.weight_scale.reshape(-1, 1) if per_channel else layer.weight_scale.reshape(())
+        return {"weight": layer.weight, "weight_scale": scale}
+    raise TypeError(f"not a quantized layer: {type(layer).__name__}")
+
+
 def stored_shapes(
     scheme: str, shape: tuple[int, ...], group_size: int
 ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -78,6 +106,10 @@ def stored_shapes(
 def layer_from_stored(
     tensors: dict[str, torch.Tensor], scheme: str, group_size: int, where: str
 ) -> nn.Module:
+    # The stored tensors say the layer's kind: a checkpoint's scheme has exceptions (an
+    # int4 model's LM head is int8, `layer_scheme`).
+    if "weight_scales_zeros" not in tensors and scheme == "int4":
+        scheme = "int8"
     try:
         if scheme.startswith("fp8"):
             return Fp8Linear(
