@@ -65,14 +65,13 @@ OURS = {
     "int4-g32": Variant({"quantize": "int4", "group_size": 32}),
     "int4-g64": Variant({"quantize": "int4", "group_size": 64}),
     "int4-g128": Variant({"quantize": "int4", "group_size": 128}),
-    "int4-g32 int8-head": Variant({"quantize": "int4", "group_size": 32}, head="int8"),
+    "int4-g32 int4-head": Variant({"quantize": "int4", "group_size": 32}, head="int4"),
     "fp32 + fp8 KV": Variant(kv="fp8"),
+    "fp8+gptq": Variant(calibrated=("fp8", 128)),
     "fp8-channel+gptq": Variant(calibrated=("fp8-channel", 128)),
     "int8+gptq": Variant(calibrated=("int8", 128)),
     "int4-g64+gptq": Variant(calibrated=("int4", 64)),
     "int4-g128+gptq": Variant(calibrated=("int4", 128)),
-    "int4-g64+gptq int8-head": Variant(calibrated=("int4", 64), head="int8"),
-    "int4-g128+gptq int8-head": Variant(calibrated=("int4", 128), head="int8"),
 }
 LLAMA = {
     "F32": "ALL_F32",
@@ -113,7 +112,8 @@ def ours(name: str, path: Path, tokenizer, text: str, calibration: str, chunks: 
         batches = calibration_batches(tokens, CTX, CALIBRATION_CHUNKS)
         model = quantize_model(model, *variant.calibrated, batches, head_scheme=variant.head)
     elif variant.head is not None:  # the tied embedding, requantized
-        model.output = quantize_linear(model.tok_embeddings.weight, variant.head)
+        group = int(variant.load.get("group_size", 128))  # type: ignore[call-overload]
+        model.output = quantize_linear(model.tok_embeddings.weight, variant.head, group)
     quantized = time.perf_counter() - start
     result = evaluate_perplexity(
         model, tokenizer, text, CTX, batch=4, kv_cache_dtype=variant.kv, chunks=chunks

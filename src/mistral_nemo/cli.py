@@ -17,6 +17,7 @@ from mistral_nemo.sampling import DEFAULT_TEMPERATURE
 
 if TYPE_CHECKING:
     from mistral_nemo.engine import LLM
+    from mistral_nemo.model import Transformer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -39,20 +40,34 @@ def _model_path(args: argparse.Namespace) -> Path:
     return path
 
 
+def _load_model(args: argparse.Namespace, path: Path) -> Transformer:
+    """The model at `path` as the loading options ask. With --lora, the adapter is merged
+    into the weights as loaded, and --quantize then quantizes the merged model (it is in
+    memory in full precision once)."""
+    from mistral_nemo.model import Transformer
+
+    if args.lora is None:
+        return Transformer.from_pretrained(
+            path,
+            dtype=_dtype(args.dtype),
+            device=args.device,
+            quantize=args.quantize,
+            group_size=args.group_size,
+        )
+    from mistral_nemo.train.lora import load_merged
+
+    return load_merged(
+        path, args.lora, _dtype(args.dtype), args.device, args.quantize, args.group_size
+    )
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from mistral_nemo.generate import generate
-    from mistral_nemo.model import Transformer
     from mistral_nemo.tokenizer import load_tokenizer
 
     model_path = _model_path(args)
     tokenizer = load_tokenizer(model_path)
-    model = Transformer.from_pretrained(
-        model_path,
-        dtype=_dtype(args.dtype),
-        device=args.device,
-        quantize=args.quantize,
-        group_size=args.group_size,
-    )
+    model = _load_model(args, model_path)
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         prompt = tokenizer.encode_chat([*messages, {"role": "user", "content": args.prompt}])
@@ -90,10 +105,25 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
-    from mistral_nemo.checkpoint import quantize_checkpoint
+    if args.calibration:
+        from mistral_nemo.quant.calibration import quantize_checkpoint_calibrated
 
-    quantize_checkpoint(args.src, args.dst, args.scheme, args.group_size, progress=True)
+        text = Path(args.calibration).read_text(errors="replace")
+        quantize_checkpoint_calibrated(
+            args.src, args.dst, args.scheme, args.group_size, text, count=args.calibration_windows
+        )
+    else:
+        from mistral_nemo.checkpoint import quantize_checkpoint
+
+        quantize_checkpoint(args.src, args.dst, args.scheme, args.group_size, progress=True)
     print(f"wrote {args.dst} ({args.scheme}, Hugging Face layout)", file=sys.stderr)
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from mistral_nemo.train.lora import merge_checkpoint
+
+    merge_checkpoint(args.base, args.adapter, args.out, args.layout, progress=True)
+    print(f"wrote {args.out}: {args.base} with {args.adapter} merged in", file=sys.stderr)
 
 
 def cmd_init_random(args: argparse.Namespace) -> None:
@@ -123,17 +153,18 @@ def cmd_plan(args: argparse.Namespace) -> None:
 def _load_llm(args: argparse.Namespace, **engine: Any) -> LLM:
     """The engine over the checkpoint named on the command line (or the demo model)."""
     from mistral_nemo.engine import LLM
+    from mistral_nemo.tokenizer import load_tokenizer
 
-    return LLM(
-        _model_path(args),
-        dtype=_dtype(args.dtype),
-        device=args.device,
-        quantize=args.quantize,
-        group_size=args.group_size,
+    path = _model_path(args)
+    llm = LLM(
+        _load_model(args, path),
+        load_tokenizer(path),
         kv_cache_dtype=args.kv_cache_dtype,
         kv_cache_memory=args.kv_cache_memory,
         **engine,
     )
+    llm.path = path  # what it was loaded from: the served model's name, reports
+    return llm
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -251,6 +282,42 @@ def cmd_eval_needle(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from mistral_nemo.train.config import load_config
+
+    settings = list(args.settings)
+    path = settings.pop(0) if settings and "=" not in settings[0] else None
+    if args.plot:
+        settings.append("plot=true")
+    if args.show_masking:
+        _show_masking(args.show_masking, path, settings)
+        return
+    from mistral_nemo.train.trainer import train
+
+    result = train(load_config(path, settings))
+    if result.interrupted:
+        print(f"stopped at step {result.steps}; run the same command to resume", file=sys.stderr)
+    else:
+        print(f"trained {result.steps} steps; saved {result.output}", file=sys.stderr)
+
+
+def _show_masking(file: str, config_path: str | None, settings: list[str]) -> None:
+    """One encoded conversation of FILE, the trained tokens marked, with the tokenizer of
+    the configured model (or the demo model's)."""
+    import yaml
+
+    from mistral_nemo.demo import demo_model_path
+    from mistral_nemo.tokenizer import load_tokenizer
+    from mistral_nemo.train.sft import first_conversation, show_masking
+
+    values = yaml.safe_load(Path(config_path).read_text()) if config_path else {}
+    for item in settings:
+        key, _, raw = item.partition("=")
+        values[key] = yaml.safe_load(raw)
+    tokenizer = load_tokenizer(values.get("model") or demo_model_path())
+    print(show_masking(tokenizer, first_conversation(Path(file)), color=sys.stdout.isatty()))
+
+
 def _add_task_options(p: argparse.ArgumentParser) -> None:
     _add_loading_options(p)
     p.add_argument("file", help="the task's JSONL file (see mistral_nemo/eval/tasks.py)")
@@ -262,7 +329,7 @@ def _add_task_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="also write the results to this file")
 
 
-def _add_loading_options(p: argparse.ArgumentParser) -> None:
+def _add_loading_options(p: argparse.ArgumentParser, lora: bool = True) -> None:
     p.add_argument(
         "model_arg",
         nargs="?",
@@ -282,6 +349,14 @@ def _add_loading_options(p: argparse.ArgumentParser) -> None:
         help="quantize the linear layers while loading",
     )
     p.add_argument("--group-size", type=int, default=128, help="int4 group size (32/64/128)")
+    if lora:
+        p.add_argument(
+            "--lora",
+            metavar="ADAPTER",
+            default=None,
+            help="LoRA adapter folder (PEFT's format) merged into the weights as they load "
+            "(with --quantize: merged in full precision, then quantized)",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -360,7 +435,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst")
     p.add_argument("--scheme", choices=["fp8", "fp8-channel", "int8", "int4"], required=True)
     p.add_argument("--group-size", type=int, default=128, help="int4 group size (32/64/128)")
+    p.add_argument(
+        "--calibration",
+        metavar="TEXT_FILE",
+        help="round with GPTQ on this text's activations (loads the whole model in fp32)",
+    )
+    p.add_argument(
+        "--calibration-windows", type=int, default=16, help="512-token windows of it to use"
+    )
     p.set_defaults(func=cmd_quantize)
+
+    p = verbs.add_parser("merge", help="fold a LoRA adapter into a copy of its base checkpoint")
+    p.add_argument("base", help="the checkpoint folder the adapter was trained on")
+    p.add_argument("adapter", help="the adapter folder (PEFT's format)")
+    p.add_argument("out", help="the merged checkpoint folder to write")
+    p.add_argument("--layout", choices=["hf", "mistral"], default=None, help="default: the base's")
+    p.set_defaults(func=cmd_merge)
 
     p = verbs.add_parser("init-random", help="write a random checkpoint in a real layout")
     p.add_argument("out")
@@ -369,6 +459,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.set_defaults(func=cmd_init_random)
+
+    p = verbs.add_parser(
+        "train",
+        help="pre-train or fine-tune (full, LoRA, QLoRA) from a YAML config",
+        description="mistral-nemo train [CONFIG.yaml] [key=value ...]: every setting of "
+        "mistral_nemo.train.config.TrainConfig can be given in the YAML or as key=value "
+        "(YAML syntax: lr=1e-4 data=[a.jsonl,b.jsonl]). Run the same command again to "
+        "resume from the last checkpoint in output_dir.",
+    )
+    p.add_argument("settings", nargs="*", help="CONFIG.yaml and/or key=value settings")
+    p.add_argument("--plot", action="store_true", help="write output_dir/loss.png at the end")
+    p.add_argument(
+        "--show-masking",
+        metavar="FILE",
+        default=None,
+        help="print the first conversation of FILE encoded, trained tokens marked, and exit",
+    )
+    p.set_defaults(func=cmd_train)
 
     p = verbs.add_parser("eval", help="score a model: perplexity, tasks, long context")
     tasks = p.add_subparsers(dest="task", required=True)
@@ -391,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = tasks.add_parser(
         "perplexity", help="perplexity and bits per byte on a text file (llama.cpp's protocol)"
     )
-    _add_loading_options(p)
+    _add_loading_options(p, lora=False)
     p.add_argument("file", help="UTF-8 text, e.g. the package's eval/data/corpus.txt")
     p.add_argument("--ctx", type=int, default=512, help="tokens per chunk (or window)")
     p.add_argument("--batch", type=int, default=8, help="chunks per forward pass")

@@ -6,6 +6,7 @@ from mistral_nemo.eval.loglikelihood import Score, score_continuations
 from mistral_nemo.eval.needle import run_needle, save_report
 from mistral_nemo.eval.perplexity import PerplexityResult, evaluate_perplexity
 from mistral_nemo.eval.tasks import run_generation, run_multiple_choice
+from mistral_nemo.eval.tool_calls import score_tool_calls, to_text_tools
 
 __all__ = [
     "PerplexityResult",
@@ -16,4 +17,6 @@ __all__ = [
     "run_needle",
     "save_report",
     "score_continuations",
+    "score_tool_calls",
+    "to_text_tools",
 ]

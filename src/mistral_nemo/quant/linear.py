@@ -86,6 +86,13 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     return q, torch.cat(parts).transpose(0, 1).to(torch.float16).contiguous()
 
 
+def _needs_grad(x: torch.Tensor) -> bool:
+    """Whether a gradient must flow back to x (training through a frozen quantized layer,
+    as QLoRA does): then only differentiable ops, not the kernels, torch's int8 matmul or
+    _scaled_mm, which have no backward."""
+    return torch.is_grad_enabled() and x.requires_grad
+
+
 def _few_rows(x: torch.Tensor, in_features: int) -> torch.Tensor | None:
     """x as [rows, in_features] where the CPU kernels take it (up to
     kernels.MAX_BATCH_QUANTIZED rows: beyond, dequantizing the weights for torch's matmul is
@@ -94,7 +101,7 @@ def _few_rows(x: torch.Tensor, in_features: int) -> torch.Tensor | None:
     limit = kernels.MAX_BATCH_QUANTIZED * in_features
     if x.device.type != "cpu" or not 0 < x.numel() <= limit:
         return None
-    if torch.is_grad_enabled() and x.requires_grad:
+    if _needs_grad(x):
         return None
     return x.reshape(-1, in_features)
 
@@ -127,7 +134,7 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, scale = self.weight, self.weight_scale
-        if x.device.type == "cuda" and _scaled_mm_works(x.device):
+        if x.device.type == "cuda" and _scaled_mm_works(x.device) and not _needs_grad(x):
             return self._scaled_mm(x)
         if (rows := _few_rows(x, self.in_features)) is not None and kernels.available(FP8):
             out = kernels.gemv(w, rows.squeeze(0)) * scale
@@ -188,7 +195,7 @@ class Int8Linear(nn.Module):
             out = kernels.gemv_int8(self.weight, self.weight_scale, rows)
             return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
         x2 = x.reshape(-1, self.in_features)
-        if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+        if x.device.type == "cpu" and x.dtype == torch.bfloat16 and not _needs_grad(x):
             out = torch._weight_int8pack_mm(
                 x2.contiguous(), self.weight, self.weight_scale.to(x.dtype)
             )

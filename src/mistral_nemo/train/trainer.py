@@ -1,0 +1,256 @@
+"""The training loop: pre-training, full fine-tuning and LoRA / QLoRA on the plain model.
+
+One optimizer step = `grad_accum` micro-batches. The loss of a step is the sum of the
+token losses over all its micro-batches divided by the number of trained tokens in all of
+them, so a micro-batch holding a few assistant tokens does not weigh as much as one holding
+many (averaging per micro-batch would). bf16 autocast runs the matmuls in bf16 while AdamW
+updates fp32 master weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from mistral_nemo.checkpoint.reading import open_checkpoint
+from mistral_nemo.model import Block, Transformer
+from mistral_nemo.tokenizer import load_tokenizer
+from mistral_nemo.train.config import TrainConfig
+from mistral_nemo.train.metrics import MetricsLog, peak_memory_mib, plot_loss
+from mistral_nemo.train.optim import build_optimizer, lr_factor
+from mistral_nemo.train.packing import IGNORE, Batch, TrainData
+from mistral_nemo.train.state import (
+    TrainingState,
+    load_state,
+    rng_state,
+    save_state,
+    saved_checkpoints,
+    set_rng_state,
+)
+
+
+@dataclass
+class TrainResult:
+    steps: int  # optimizer steps completed
+    output: Path  # the saved model (a checkpoint folder) or LoRA adapter
+    interrupted: bool  # stopped by Ctrl-C; resumable from the last checkpoint
+
+
+def load_for_training(config: TrainConfig) -> Transformer:
+    """The model with fp32 master weights (or a quantized frozen base for QLoRA), LoRA
+    adapters added when asked, activation checkpointing per block."""
+    model = Transformer.from_pretrained(
+        config.model,
+        dtype=torch.float32,
+        device=config.device,
+        quantize=config.quantize,
+        group_size=config.group_size,
+    )
+    if not config.lora_rank:
+        # Loaded weights may be memory-mapped from the checkpoint's files: train copies.
+        for param in model.parameters():
+            param.data = param.data.clone()
+        model.requires_grad_(True)
+    else:
+        from mistral_nemo.train.lora import LoraConfig, add_lora
+
+        add_lora(
+            model,
+            LoraConfig(
+                rank=config.lora_rank,
+                alpha=config.lora_alpha,
+                dropout=config.lora_dropout,
+                target_modules=tuple(config.lora_targets),
+            ),
+        )
+    if config.activation_checkpointing:
+        # The composable API adds hooks instead of wrapping modules, so parameter names
+        # (and with them checkpoints and adapters) stay those of the plain model.
+        from torch.distributed._composable import checkpoint
+
+        for module in model.modules():
+            if isinstance(module, Block):
+                checkpoint(module)
+    model.train()
+    return model
+
+
+def training_data(config: TrainConfig, progress: bool = False) -> TrainData:
+    from mistral_nemo.train.data import pretraining_data
+    from mistral_nemo.train.sft import sft_data
+
+    tokenizer = load_tokenizer(config.model)
+    if config.data_format == "chat":
+        return sft_data(
+            config.data,
+            tokenizer,
+            seq_len=config.seq_len,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            cross_document_attention=config.cross_document_attention,
+            bad_lines=config.bad_lines,
+            progress=progress,
+        )
+    return pretraining_data(
+        config.data,
+        tokenizer,
+        seq_len=config.seq_len,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        cross_document_attention=config.cross_document_attention,
+        cache_dir=Path(config.cache_dir) if config.cache_dir else None,
+        bad_lines=config.bad_lines,
+        progress=progress,
+    )
+
+
+def micro_batch_loss(model: Transformer, batch: Batch, config: TrainConfig) -> torch.Tensor:
+    """The summed cross-entropy of the batch's trained tokens."""
+    device = torch.device(config.device)
+    batch = batch.to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+    with autocast:
+        logits = model(batch.tokens, 0, batch.attention(model.config))
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), batch.labels.flatten(), ignore_index=IGNORE, reduction="sum"
+    )
+
+
+class _StopRequest:
+    """Ctrl-C during training asks the loop to stop after the current step (and save);
+    a second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        def handler(signum: int, frame: FrameType | None) -> None:
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+            tqdm.write("stopping after this step (Ctrl-C again to stop at once)")
+
+        try:
+            previous = signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread: no signal handling there
+            yield
+            return
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def train(config: TrainConfig, progress: bool = True) -> TrainResult:
+    """Run (or resume) the training `config` describes; see `TrainConfig`."""
+    config.check()
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(config.to_yaml())
+    torch.manual_seed(config.seed)
+    model = load_for_training(config)
+    data = training_data(config, progress)
+    optimizer = build_optimizer(model, config)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    state = TrainingState(step=0, data={}, rng={})
+    checkpoints = saved_checkpoints(out / "checkpoints")
+    if checkpoints:
+        state = load_state(checkpoints[-1], model, optimizer)
+        data.load_state_dict(state.data)
+        set_rng_state(state.rng)
+        tqdm.write(f"resuming from {checkpoints[-1]} (step {state.step})")
+    log = MetricsLog(out, config.tensorboard, state.step)
+    batches = data.batches()
+    device = torch.device(config.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def checkpoint_now() -> None:
+        state.data, state.rng = data.state_dict(), rng_state()
+        save_state(out / "checkpoints", model, optimizer, state, config.keep_checkpoints)
+
+    stop = _StopRequest()
+    bar = tqdm(
+        total=config.steps, initial=state.step, desc="training", unit="step", disable=not progress
+    )
+    with stop.installed():
+        while state.step < config.steps and not stop.requested:
+            started = time.perf_counter()
+            lr = config.lr * lr_factor(state.step, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro = [next(batches) for _ in range(config.grad_accum)]
+            trained = sum(b.trained_tokens for b in micro)
+            total = 0.0
+            for batch in micro:
+                loss = micro_batch_loss(model, batch, config) / max(trained, 1)
+                loss.backward()
+                total += loss.item()
+            grad_norm = _clip(trainable, config.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            bar.update()
+            bar.set_postfix(loss=f"{total:.4f}")
+            if state.step % config.log_every == 0 or state.step == config.steps:
+                log.write(
+                    {
+                        "step": state.step,
+                        "loss": total,
+                        "lr": lr,
+                        "grad_norm": grad_norm,
+                        "trained_tokens": trained,
+                        "tokens_per_s": trained / (time.perf_counter() - started),
+                        "peak_memory_mib": peak_memory_mib(device),
+                    }
+                )
+            if config.save_every and state.step % config.save_every == 0:
+                checkpoint_now()
+        if stop.requested:
+            checkpoint_now()
+    bar.close()
+    log.close()
+    if config.plot:
+        plot_loss(log.path, out / "loss.png")
+    if stop.requested:
+        return TrainResult(state.step, out / "checkpoints", interrupted=True)
+    return TrainResult(state.step, save_result(model, config, out), interrupted=False)
+
+
+def _clip(params: list[nn.Parameter], max_norm: float) -> float:
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    norms = [p.grad.norm() for p in params if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def save_result(model: Transformer, config: TrainConfig, out: Path) -> Path:
+    """The trained model as a normal checkpoint in the source's dtype with its tokenizer
+    files beside it, or the LoRA adapter in PEFT's format."""
+    if config.lora_rank:
+        from mistral_nemo.train.lora import save_adapter
+
+        target = out / "adapter"
+        save_adapter(model, target, base_model=config.model)
+        return target
+    source = open_checkpoint(config.model)
+    target = out / "model"
+    if target.exists():  # a finished run started again: its result is rewritten
+        shutil.rmtree(target)
+    model.save_pretrained(
+        target, layout=config.layout, dtype=source.dtype, extra_files=source.companion_files()
+    )
+    return target
