@@ -195,7 +195,8 @@ def test_cli_trains_from_yaml_with_overrides(tiny_hf: Path, corpus: Path, tmp_pa
         f"model: {tiny_hf}\noutput_dir: {tmp_path / 'out'}\ndata: [{corpus}]\n"
         f"seq_len: 32\nprecision: fp32\nwarmup_steps: 1\ncache_dir: {tmp_path / 'cache'}\n"
     )
-    assert main(["train", str(path), "steps=2", "batch_size=1"]) == 0
+    assert main(["train", str(path), "steps=2", "batch_size=1", "--plot"]) == 0
+    assert (tmp_path / "out/loss.png").stat().st_size > 0
     log = (tmp_path / "out/log.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in log] == [1, 2]
     assert set(json.loads(log[0])) >= {"loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_mib"}
@@ -237,3 +238,19 @@ def test_qlora_sft_on_conversations(tiny_hf: Path, tmp_path: Path) -> None:
         merged.layers[0].attention.wq.weight,
         Transformer.from_pretrained(tiny_hf).layers[0].attention.wq.weight,
     )
+
+
+def test_show_masking_prints_the_trained_tokens(
+    tiny_hf: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    chats = tmp_path / "chats.jsonl"
+    conversation = {
+        "messages": [
+            {"role": "user", "content": "Hello there"},
+            {"role": "assistant", "content": "General Kenobi"},
+        ]
+    }
+    chats.write_text(json.dumps(conversation) + "\n")
+    assert main(["train", "--show-masking", str(chats), f"model={tiny_hf}"]) == 0
+    out = capsys.readouterr().out
+    assert "[[General Kenobi</s>]]" in out and "[[Hello" not in out

@@ -26,7 +26,9 @@ class TrainConfig:
     data: list[str] = field(default_factory=list)
     data_format: str = "text"  # "text" (pre-training) or "chat" (SFT)
     seq_len: int = 2048
-    cross_document_attention: bool = True
+    # Whether packed documents see each other; default: yes for corpora (as pre-training
+    # usually packs), no for conversations (one must not attend to another).
+    cross_document_attention: bool | None = None
     bad_lines: str = "skip"  # or "error"
     cache_dir: str | None = None  # tokenized corpora; default ~/.cache/mistral-nemo/tokens
     # Optimisation.
@@ -60,6 +62,11 @@ class TrainConfig:
     plot: bool = False
     layout: str = "hf"  # of the final checkpoint
     device: str = "cpu"
+
+    def attends_across_documents(self) -> bool:
+        if self.cross_document_attention is None:
+            return self.data_format == "text"
+        return self.cross_document_attention
 
     def check(self) -> None:
         for name in ("model", "output_dir"):

@@ -338,7 +338,7 @@ def sft_data(
     seq_len: int,
     batch_size: int,
     seed: int = 0,
-    cross_document_attention: bool = True,
+    cross_document_attention: bool = False,
     bad_lines: str = "skip",
     progress: bool = False,
 ) -> SFTData:

@@ -98,7 +98,7 @@ def training_data(config: TrainConfig, progress: bool = False) -> TrainData:
             seq_len=config.seq_len,
             batch_size=config.batch_size,
             seed=config.seed,
-            cross_document_attention=config.cross_document_attention,
+            cross_document_attention=config.attends_across_documents(),
             bad_lines=config.bad_lines,
             progress=progress,
         )
@@ -108,7 +108,7 @@ def training_data(config: TrainConfig, progress: bool = False) -> TrainData:
         seq_len=config.seq_len,
         batch_size=config.batch_size,
         seed=config.seed,
-        cross_document_attention=config.cross_document_attention,
+        cross_document_attention=config.attends_across_documents(),
         cache_dir=Path(config.cache_dir) if config.cache_dir else None,
         bad_lines=config.bad_lines,
         progress=progress,
