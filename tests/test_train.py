@@ -254,3 +254,20 @@ def test_show_masking_prints_the_trained_tokens(
     assert main(["train", "--show-masking", str(chats), f"model={tiny_hf}"]) == 0
     out = capsys.readouterr().out
     assert "[[General Kenobi</s>]]" in out and "[[Hello" not in out
+
+
+def test_tied_embeddings_stay_one_parameter(tmp_path: Path, corpus: Path) -> None:
+    """A model whose head is its embedding table trains one matrix, saved once."""
+    from mistral_nemo import ModelConfig
+    from mistral_nemo.checkpoint.random_init import init_random
+
+    tied = ModelConfig.preset("tiny").replace(tie_embeddings=True)
+    init_random(tmp_path / "tied", tied, "hf", dtype=torch.float32)
+    config = settings(tmp_path / "tied", tmp_path / "run", corpus, steps=2)
+    model = load_for_training(config)
+    assert model.output.weight is model.tok_embeddings.weight
+    result = train(config, progress=False)
+    trained = Transformer.from_pretrained(result.output)
+    original = Transformer.from_pretrained(tmp_path / "tied")
+    assert not torch.equal(trained.tok_embeddings.weight, original.tok_embeddings.weight)
+    assert trained.output.weight is trained.tok_embeddings.weight

@@ -67,4 +67,10 @@ def load_model(
         state["output.weight"] = state["tok_embeddings.weight"]
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     assert not unexpected and all(not t.is_meta for t in model.state_dict().values()), missing
+    head, embeddings = model.get_submodule("output"), model.get_submodule("tok_embeddings")
+    if ckpt.config.tie_embeddings and isinstance(head, nn.Linear):
+        assert isinstance(embeddings, nn.Embedding)
+        # assign=True gave the head a parameter of its own (over the same tensor): one
+        # parameter again, or training would untie them.
+        head.weight = embeddings.weight
     return model.eval().requires_grad_(False)

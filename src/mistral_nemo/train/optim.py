@@ -30,7 +30,7 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
         lr=config.lr,
         betas=config.betas,
         eps=config.eps,
-        foreach=True,
+        fused=True,  # one pass over each tensor: several times faster than foreach on a CPU
     )
 
 
