@@ -1,8 +1,8 @@
 """LoRA fine-tuning of a real model for tool calling: the demo model (SmolLM2-135M-Instruct)
 on the project's tool-calling conversations, scored on the held-out ones before and after.
 
-    python benchmarks/train_lora_tools.py [--steps 300] [--rank 16] [--lr 1e-3]
-                                          [--batch 4] [--seq-len 1024]
+    python benchmarks/train_lora_tools.py [--steps 100] [--rank 16] [--lr 1e-3]
+                                          [--batch 1] [--seq-len 2048]
 
 Data: benchmarks/data/tool_calls_{train,heldout}.jsonl (make_tool_data.py: 12 tools, 240
 training and 60 held-out conversations, held-out phrasings and values unseen in training).
@@ -46,21 +46,22 @@ RATES = (
 
 def score(model: object, heldout: list[dict]) -> dict:
     llm = LLM(model, load_tokenizer(demo_model_path()))
-    result = score_tool_calls(llm, heldout, "text")
+    result = score_tool_calls(llm, heldout, "text", max_tokens=160)
     return {key: result[key] for key in RATES}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seq-len", type=int, default=2048)
     args = parser.parse_args()
 
     heldout = load_conversations(DATA / "tool_calls_heldout.jsonl")
     before = score(demo_model_path(), heldout)
+    print("before:", before, flush=True)
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         train_file = tmp / "train.jsonl"

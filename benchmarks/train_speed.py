@@ -11,7 +11,7 @@ rank 16, alpha 32, no dropout, on the seven linear projections of every block (q
 gate, up, down); `full`, every weight. Every side trains with bf16 autocast over the forward
 pass, the loss (summed token cross-entropy / trained tokens) in fp32, no activation
 checkpointing, one optimizer step per micro-batch of --batch rows of --seq-len tokens: forward,
-backward, clip to norm 1.0, our AdamW (`build_optimizer`: same groups, lr, betas, foreach) for
+backward, clip to norm 1.0, our AdamW (`build_optimizer`: same groups, lr, betas, fused) for
 all sides so that only the models differ, zero_grad, loss.item(). The batches are the first
 --steps micro-batches that our `pretraining_data` packs from the package's corpus, tokenized
 once by this process with our tokenizer (all sides' vocabularies are the same file).
