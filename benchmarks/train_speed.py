@@ -257,7 +257,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 class ChildFailed(RuntimeError):
-    pass
+    """A side's process exited with an error (its stderr is the message)."""
 
 
 def run_child(python: str, spec: dict[str, Any]) -> dict[str, Any]:

@@ -27,15 +27,6 @@ from pathlib import Path
 CASES = "gguf:fp32,gguf:bf16,gguf:int8,gguf:int4,engine,nemo2:bf16,nemo2:fp32"
 
 
-def best(fn, n):
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def decode_rate(model, prompt, n=128):
     from mistral_nemo.generate import generate
 
@@ -51,6 +42,7 @@ def decode_rate(model, prompt, n=128):
 def measure(what: str) -> dict:
     """One case on whichever mistral_nemo is first on sys.path."""
     import torch
+    from common import best_time
 
     from mistral_nemo import LLM, ModelConfig, SamplingParams, Transformer
     from mistral_nemo.checkpoint.random_init import init_random
@@ -69,7 +61,7 @@ def measure(what: str) -> dict:
                 forward(tokens, 0, model.new_cache(1, tokens.shape[1]), last_only=True)
 
         prefill()
-        return tokens.shape[1] / best(prefill, repeats)
+        return tokens.shape[1] / best_time(prefill, repeats, warmup=0)
 
     out = {}
     kind, _, variant = what.partition(":")
@@ -94,8 +86,9 @@ def measure(what: str) -> dict:
             prompts = [torch.randint(1000, 131072, (n,), generator=g).tolist() for n in lengths]
             params = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
             llm.generate(prompts[:2], params)
-            out["engine16_tok_s"] = 16 * 128 / best(lambda: llm.generate(prompts, params), 3)
-            out["engine1_tok_s"] = 128 / best(lambda: llm.generate(prompts[:1], params), 3)
+            many = best_time(lambda: llm.generate(prompts, params), 3, warmup=0)
+            one = best_time(lambda: llm.generate(prompts[:1], params), 3, warmup=0)
+            out["engine16_tok_s"], out["engine1_tok_s"] = 16 * 128 / many, 128 / one
             return out
         dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[variant]
         config = ModelConfig.preset("nemo-12b").replace(n_layers=2)

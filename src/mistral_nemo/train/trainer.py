@@ -13,8 +13,9 @@ import contextlib
 import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import FrameType
 
@@ -90,26 +91,17 @@ def training_data(config: TrainConfig, progress: bool = False) -> TrainData:
     from mistral_nemo.train.data import pretraining_data
     from mistral_nemo.train.sft import sft_data
 
-    tokenizer = load_tokenizer(config.model)
-    if config.data_format == "chat":
-        return sft_data(
-            config.data,
-            tokenizer,
-            seq_len=config.seq_len,
-            batch_size=config.batch_size,
-            seed=config.seed,
-            cross_document_attention=config.attends_across_documents(),
-            bad_lines=config.bad_lines,
-            progress=progress,
-        )
-    return pretraining_data(
+    build: Callable[..., TrainData] = sft_data
+    if config.data_format == "text":
+        cache = Path(config.cache_dir) if config.cache_dir else None
+        build = partial(pretraining_data, cache_dir=cache)
+    return build(
         config.data,
-        tokenizer,
+        load_tokenizer(config.model),
         seq_len=config.seq_len,
         batch_size=config.batch_size,
         seed=config.seed,
         cross_document_attention=config.attends_across_documents(),
-        cache_dir=Path(config.cache_dir) if config.cache_dir else None,
         bad_lines=config.bad_lines,
         progress=progress,
     )
