@@ -19,6 +19,7 @@ from mistral_nemo.cli import main
 from mistral_nemo.errors import ConfigError
 from mistral_nemo.train.config import TrainConfig, load_config
 from mistral_nemo.train.optim import build_optimizer, lr_factor
+from mistral_nemo.train.packing import IGNORE
 from mistral_nemo.train.trainer import load_for_training, micro_batch_loss, train, training_data
 
 TEXT = (
@@ -103,6 +104,32 @@ def test_loss_is_normalised_over_the_whole_accumulated_batch(
             (micro_batch_loss(model, batch, config) / trained).backward()
         grads.append(model.layers[0].attention.wq.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_chunked_head_loss_equals_the_plain_loss(
+    tiny_hf: Path, corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lora: bool
+) -> None:
+    """The loss taken a few rows at a time, with its gradients, is cross_entropy's on the
+    full logits: through the head, the blocks and (full fine-tuning) the head itself."""
+    import torch.nn.functional as F
+
+    from mistral_nemo.train import loss as chunked
+
+    config = settings(tiny_hf, tmp_path, corpus, lora_rank=4 if lora else 0)
+    model = load_for_training(config)
+    batch = next(training_data(config).batches())
+    batch.labels[0, :10] = IGNORE  # untrained positions, a whole chunk of them among them
+    monkeypatch.setattr(chunked, "CHUNK_LOGITS", 5 * model.config.vocab_size)  # 5 rows
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    loss = micro_batch_loss(model, batch, config)
+    grads = torch.autograd.grad(loss * 0.5, trainable)
+    logits = model(batch.tokens).float().flatten(0, 1)
+    plain = F.cross_entropy(logits, batch.labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    expected = torch.autograd.grad(plain * 0.5, trainable)
+    torch.testing.assert_close(loss, plain)
+    for grad, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-5)
 
 
 def test_activation_checkpointing_keeps_gradients(

@@ -77,9 +77,16 @@ class LoraLinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        low_rank = F.linear(self.dropout(x).to(self.lora_a.dtype), self.lora_a)
-        update = F.linear(low_rank, self.lora_b) * self.scaling
-        return self.base(x) + update.to(x.dtype)
+        x_lora = self.dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):
+            # Under autocast both matmuls run in bf16 on x as it is; a cast here would make
+            # (and save for backward) an fp32 copy of every adapted layer's input.
+            x_lora = x_lora.to(self.lora_a.dtype)
+        update = F.linear(F.linear(x_lora, self.lora_a), self.lora_b) * self.scaling
+        out = self.base(x)
+        # In the base's output dtype (bf16 under autocast, even for an fp32 input), as the
+        # layer without its adapter would give.
+        return out + update.to(out.dtype)
 
     @torch.no_grad()
     def merged(self, dtype: torch.dtype) -> nn.Linear:

@@ -20,7 +20,6 @@ from pathlib import Path
 from types import FrameType
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -28,9 +27,10 @@ from mistral_nemo.checkpoint.reading import open_checkpoint
 from mistral_nemo.model import Block, Transformer
 from mistral_nemo.tokenizer import load_tokenizer
 from mistral_nemo.train.config import TrainConfig
+from mistral_nemo.train.loss import head_cross_entropy
 from mistral_nemo.train.metrics import MetricsLog, peak_memory_mib, plot_loss
 from mistral_nemo.train.optim import build_optimizer, lr_factor
-from mistral_nemo.train.packing import IGNORE, Batch, TrainData
+from mistral_nemo.train.packing import Batch, TrainData
 from mistral_nemo.train.state import (
     TrainingState,
     load_state,
@@ -113,10 +113,8 @@ def micro_batch_loss(model: Transformer, batch: Batch, config: TrainConfig) -> t
     batch = batch.to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
     with autocast:
-        logits = model(batch.tokens, 0, batch.attention(model.config))
-    return F.cross_entropy(
-        logits.flatten(0, 1).float(), batch.labels.flatten(), ignore_index=IGNORE, reduction="sum"
-    )
+        hidden = model.hidden(batch.tokens, 0, batch.attention(model.config))
+        return head_cross_entropy(model.output, hidden, batch.labels)
 
 
 class _StopRequest:

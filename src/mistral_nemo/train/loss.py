@@ -1,0 +1,81 @@
+"""Cross-entropy through the LM head, a chunk of tokens at a time, without the full logits.
+
+The logits of a training batch are its largest tensor: 2 x 2048 tokens x 131,072 entries is
+4 GiB in fp32, and the plain `cross_entropy(head(h).float(), labels)` holds them up to three
+times over (the head's output, its fp32 copy, the log-softmax kept for backward) and writes
+the same again in backward. Here the forward pass runs the head and the loss on a chunk of
+rows, takes that chunk's gradients (towards the hidden states and the head's trainable
+parameters) at once, and lets the chunk's logits go; backward only scales the stored
+gradients. The result and its gradients are those of the plain loss, up to the order of
+the fp32 sums.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mistral_nemo.train.packing import IGNORE
+
+# fp32 logits per chunk: 16M entries (64 MiB) keeps the chunk's transient tensors small next
+# to a model's activations while its head matmul still has rows enough (128 at NeMo's
+# 131k vocabulary, 341 at 49k) to run at full speed.
+CHUNK_LOGITS = 1 << 24
+
+
+def head_cross_entropy(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The summed cross-entropy of `head(hidden)` ([..., vocab] logits, computed in fp32)
+    against `labels` (positions labelled IGNORE left out), differentiable towards `hidden`
+    and the head's trainable parameters. Runs under the caller's autocast."""
+    params = [p for p in head.parameters() if p.requires_grad]
+    hidden, labels = hidden.flatten(0, -2), labels.flatten()
+    return _ChunkedHeadLoss.apply(head, hidden, labels, *params)
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, *params: nn.Parameter
+    ) -> torch.Tensor:
+        vocab = _out_features(head)
+        rows = max(1, CHUNK_LOGITS // vocab)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        wants_hidden = hidden.requires_grad
+        grad_hidden = torch.zeros_like(hidden) if wants_hidden else None
+        grad_params = [torch.zeros_like(p) for p in params]
+        for start in range(0, hidden.shape[0], rows):
+            chunk_labels = labels[start : start + rows]
+            if not (chunk_labels != IGNORE).any():
+                continue  # nothing trained here: no loss and no gradient
+            with torch.enable_grad():
+                chunk = hidden[start : start + rows].detach().requires_grad_(wants_hidden)
+                logits = head(chunk).float()
+                loss = F.cross_entropy(logits, chunk_labels, ignore_index=IGNORE, reduction="sum")
+                inputs = ([chunk] if wants_hidden else []) + list(params)
+                grads = torch.autograd.grad(loss, inputs) if inputs else ()
+            total += loss.detach()
+            if grad_hidden is not None:
+                grad_hidden[start : start + rows] = grads[0]
+                grads = grads[1:]
+            for acc, grad in zip(grad_params, grads, strict=True):
+                acc += grad
+        ctx.save_for_backward(*([grad_hidden] if grad_hidden is not None else []), *grad_params)
+        ctx.has_hidden_grad = wants_hidden
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        saved = list(ctx.saved_tensors)
+        grad_hidden = saved.pop(0) * grad_output if ctx.has_hidden_grad else None
+        grad_params = [g * grad_output for g in saved]
+        return (None, grad_hidden, None, *grad_params)
+
+
+def _out_features(head: nn.Module) -> int:
+    out_features = getattr(head, "out_features", None)
+    if out_features is None:  # a wrapped head (an adapter) names it on its base
+        out_features = head.base.out_features
+    return int(out_features)
