@@ -26,22 +26,28 @@ from mistral_nemo.train.packing import IGNORE
 CHUNK_LOGITS = 1 << 24
 
 
-def head_cross_entropy(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The summed cross-entropy of `head(hidden)` ([..., vocab] logits, computed in fp32)
+def head_cross_entropy(
+    head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, vocab_size: int
+) -> torch.Tensor:
+    """The summed cross-entropy of `head(hidden)` ([..., vocab_size] logits, in fp32)
     against `labels` (positions labelled IGNORE left out), differentiable towards `hidden`
     and the head's trainable parameters. Runs under the caller's autocast."""
     params = [p for p in head.parameters() if p.requires_grad]
     hidden, labels = hidden.flatten(0, -2), labels.flatten()
-    return _ChunkedHeadLoss.apply(head, hidden, labels, *params)
+    rows = max(1, CHUNK_LOGITS // vocab_size)
+    return _ChunkedHeadLoss.apply(head, rows, hidden, labels, *params)
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, *params: nn.Parameter
+    def forward(
+        ctx: Any,
+        head: nn.Module,
+        rows: int,
+        hidden: torch.Tensor,
+        labels: torch.Tensor,
+        *params: nn.Parameter,
     ) -> torch.Tensor:
-        vocab = _out_features(head)
-        rows = max(1, CHUNK_LOGITS // vocab)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         wants_hidden = hidden.requires_grad
         grad_hidden = torch.zeros_like(hidden) if wants_hidden else None
@@ -71,11 +77,4 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         saved = list(ctx.saved_tensors)
         grad_hidden = saved.pop(0) * grad_output if ctx.has_hidden_grad else None
         grad_params = [g * grad_output for g in saved]
-        return (None, grad_hidden, None, *grad_params)
-
-
-def _out_features(head: nn.Module) -> int:
-    out_features = getattr(head, "out_features", None)
-    if out_features is None:  # a wrapped head (an adapter) names it on its base
-        out_features = head.base.out_features
-    return int(out_features)
+        return (None, None, grad_hidden, None, *grad_params)

@@ -114,7 +114,7 @@ def micro_batch_loss(model: Transformer, batch: Batch, config: TrainConfig) -> t
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
     with autocast:
         hidden = model.hidden(batch.tokens, 0, batch.attention(model.config))
-        return head_cross_entropy(model.output, hidden, batch.labels)
+        return head_cross_entropy(model.output, hidden, batch.labels, model.config.vocab_size)
 
 
 class _StopRequest:
