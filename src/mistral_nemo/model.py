@@ -179,7 +179,12 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalize in fp32 (bf16 sums of squares lose too much), scale in the model dtype.
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
-        return normed * self.weight
+        out = normed * self.weight
+        if torch.is_autocast_enabled(x.device.type):
+            # The layers after a norm would each cast its output for their matmuls (and keep
+            # each copy for backward): cast it once for all of them.
+            out = out.to(torch.get_autocast_dtype(x.device.type))
+        return out
 
 
 class Block(nn.Module):
