@@ -116,11 +116,12 @@ def test_chunked_head_loss_equals_the_plain_loss(
 
     from mistral_nemo.train import loss as chunked
 
-    config = settings(tiny_hf, tmp_path, corpus, lora_rank=4 if lora else 0)
+    config = settings(tiny_hf, tmp_path, corpus, lora_rank=4 if lora else 0, batch_size=4)
     model = load_for_training(config)
     batch = next(training_data(config).batches())
-    batch.labels[0, :10] = IGNORE  # untrained positions, a whole chunk of them among them
-    monkeypatch.setattr(chunked, "CHUNK_LOGITS", 5 * model.config.vocab_size)  # 5 rows
+    batch.labels[0, :10] = IGNORE  # untrained positions, a whole chunk of them for LoRA
+    # Chunks of 5 rows with a frozen head, of the model's width (64) with a trained one.
+    monkeypatch.setattr(chunked, "CHUNK_LOGITS", 5 * model.config.vocab_size)
     trainable = [p for p in model.parameters() if p.requires_grad]
     loss = micro_batch_loss(model, batch, config)
     grads = torch.autograd.grad(loss * 0.5, trainable)

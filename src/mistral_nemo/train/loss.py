@@ -1,7 +1,7 @@
 """Cross-entropy through the LM head, a chunk of tokens at a time, without the full logits.
 
-The logits of a training batch are its largest tensor: 2 x 2048 tokens x 131,072 entries is
-4 GiB in fp32, and the plain `cross_entropy(head(h).float(), labels)` holds them up to three
+The logits of a training batch are its largest tensor: 2 x 4096 tokens x 131,072 entries
+are 4 GiB in fp32, and the plain `cross_entropy(head(h).float(), labels)` holds them up to three
 times over (the head's output, its fp32 copy, the log-softmax kept for backward) and writes
 the same again in backward. Here the forward pass runs the head and the loss on a chunk of
 rows, takes that chunk's gradients (towards the hidden states and the head's trainable
@@ -20,10 +20,13 @@ from torch import nn
 
 from mistral_nemo.train.packing import IGNORE
 
-# fp32 logits per chunk: 16M entries (64 MiB) keeps the chunk's transient tensors small next
-# to a model's activations while its head matmul still has rows enough (128 at NeMo's
-# 131k vocabulary, 341 at 49k) to run at full speed.
-CHUNK_LOGITS = 1 << 24
+# Rows per chunk. A chunk's transient tensors take ~14 bytes per logit (bf16 and fp32 logits,
+# their gradients): a budget of 32M logits (~450 MB) keeps that small next to a training
+# step's activations, while fewer, larger chunks run faster (each chunk is one more pass
+# over the head's weight). A trainable head adds the cost of accumulating its gradient,
+# as large as the weight, once per chunk: with at least as many rows as the model's width
+# a chunk's logits are at least the weight's size, so that never dominates.
+CHUNK_LOGITS = 1 << 25
 
 
 def head_cross_entropy(
@@ -35,6 +38,8 @@ def head_cross_entropy(
     params = [p for p in head.parameters() if p.requires_grad]
     hidden, labels = hidden.flatten(0, -2), labels.flatten()
     rows = max(1, CHUNK_LOGITS // vocab_size)
+    if params:
+        rows = max(rows, hidden.shape[-1])
     return _ChunkedHeadLoss.apply(head, rows, hidden, labels, *params)
 
 
