@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import statistics
 import threading
@@ -12,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import httpx
+import jsonschema
 import pytest
 import torch
 
@@ -551,3 +553,93 @@ def test_short_request_is_not_stuck_behind_a_long_prefill(chunked_server, monkey
         f"the short request arrived before step {arrived} but got its first token in step "
         f"{gate.first('short')}; the long prompt's prefill ended in step {gate.first('long')}"
     )
+
+
+WEATHER_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 16},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7},
+    },
+    "required": ["city", "days"],
+    "additionalProperties": False,
+}
+
+
+def test_structured_outputs(client):
+    """response_format and vLLM's guided_* fields hold the answer to the format."""
+    base = {"model": MODEL, "messages": [{"role": "user", "content": "Plan"}], "temperature": 1.0}
+    r = client.chat.completions.create(
+        max_tokens=100,
+        n=3,
+        seed=5,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "plan", "schema": WEATHER_SCHEMA, "strict": True},
+        },
+        **base,
+    )
+    for choice in r.choices:
+        jsonschema.validate(json.loads(choice.message.content), WEATHER_SCHEMA)
+    r = client.chat.completions.create(
+        max_tokens=20, extra_body={"guided_choice": ["red", "green"]}, **base
+    )
+    assert r.choices[0].message.content in ("red", "green")
+    text = client.completions.create(
+        model=MODEL, prompt="Code:", max_tokens=20, extra_body={"guided_regex": "[0-9]{4}"}
+    )
+    assert re.fullmatch("[0-9]{4}", text.choices[0].text)
+    chunks = client.chat.completions.create(
+        max_tokens=100, stream=True, response_format={"type": "json_object"}, **base
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    if streamed.endswith("}"):
+        assert isinstance(json.loads(streamed), dict)
+
+
+def test_tool_choice_required_always_calls(client):
+    # Bounded strings: random weights would never close an unbounded one.
+    tools = [
+        {"type": "function", "function": {"name": name, "parameters": WEATHER_SCHEMA}}
+        for name in ("plan", "book")
+    ]
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Go"}],
+        tools=tools,
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=120,
+        temperature=1.0,
+        n=4,
+        seed=2,
+    )
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+    for choice in r.choices:
+        assert choice.finish_reason == "tool_calls"
+        (call,) = choice.message.tool_calls
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+
+
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 7}}}},
+            None,
+        ),
+        ({"guided_regex": "(unclosed"}, None),
+        ({"guided_json": "{not json"}, "guided_json"),
+        ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_regex"),
+    ],
+)
+def test_bad_structured_outputs_are_400s(server, extra, param):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], **extra}
+    r = httpx.post(
+        f"{server[0]}/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    )
+    assert r.status_code == 400, r.text
+    if param is not None:
+        assert r.json()["error"]["param"] == param

@@ -12,6 +12,7 @@ import torch
 
 from mistral_nemo import kernels
 from mistral_nemo.errors import InvalidRequestError
+from mistral_nemo.structured import Guidance
 
 # Mistral's recommended temperature for NeMo (much lower than for earlier Mistral models).
 DEFAULT_TEMPERATURE = 0.3
@@ -42,10 +43,10 @@ class SamplingParams:
     # it. With prompt_logprobs, max_tokens may be 0: score the prompt, generate nothing.
     prompt_logprobs: int | None = None
     prompt_logprobs_from: int = 1
-    # Constrained generation (the server's tool_choice): tokens the completion must start
-    # with, and tokens it may never produce.
-    prefix_token_ids: list[int] = field(default_factory=list)
+    # Tokens the completion may never produce (tool_choice "none": [TOOL_CALLS]).
     banned_token_ids: list[int] = field(default_factory=list)
+    # Structured output: what the completion must match (a JSON schema, a regex, ...).
+    guided: Guidance | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -257,9 +258,6 @@ def sample_batch(
             logits[i] = apply_penalties(logits[i], p, prompts[i], outputs[i])
         if p.banned_token_ids:
             logits[i, p.banned_token_ids] = float("-inf")
-        if len(outputs[i]) < len(p.prefix_token_ids):
-            tokens[i] = p.prefix_token_ids[len(outputs[i])]  # forced, not sampled
-            continue
         if p.greedy:
             rows.append(i)
             continue

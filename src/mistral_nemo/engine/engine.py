@@ -11,9 +11,11 @@ preempted: its blocks are freed and it is recomputed later from its tokens.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 
+import llguidance
 import torch
 
 from mistral_nemo.engine.blocks import BlockPool, block_hash
@@ -23,7 +25,10 @@ from mistral_nemo.model import Transformer
 from mistral_nemo.runtime import ModelRunner
 from mistral_nemo.runtime.paged import PagedKVCache
 from mistral_nemo.sampling import SamplingParams, TokenLogprob, sample_batch, token_logprobs
+from mistral_nemo.structured import GuidedState, llg_tokenizer, mask_logits
 from mistral_nemo.tokenizer.base import BaseTokenizer, StreamDecoder
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)  # one sequence is equal only to itself (the scheduler's `in` tests)
@@ -43,6 +48,7 @@ class Sequence:
     sent: int = 0  # characters of text already reported
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    guided: GuidedState | None = None  # where a structured output has got to
 
     @property
     def tokens(self) -> list[int]:
@@ -125,6 +131,7 @@ class Engine:
                 f"prompt of {len(prompt)} tokens plus max_tokens {params.max_tokens} does not "
                 f"fit the KV cache ({self.pool.num_blocks * self.block_size} tokens)"
             )
+        guidance = self._guidance(params)
         request = Request(request_id, list(prompt), params)
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None] * len(prompt)
@@ -134,10 +141,28 @@ class Engine:
                 generator = torch.Generator(self.model.device).manual_seed(params.seed + i)
             decoder = self.tokenizer.stream_decoder() if self.tokenizer else None
             seq = Sequence(request, i, next(self._ids), generator, decoder)
+            if guidance is not None:
+                seq.guided = GuidedState(*guidance)
             request.sequences.append(seq)
             self.waiting.append(seq)
         self.requests[request_id] = request
         return request_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
+
+    def _guidance(self, params: SamplingParams) -> tuple[llguidance.LLTokenizer, str] | None:
+        """The vocabulary and llguidance grammar of a structured-output request (checked)."""
+        if params.guided is None:
+            return None
+        if self.tokenizer is None:
+            raise InvalidRequestError("structured outputs need the model's tokenizer")
+        vocabulary = llg_tokenizer(self.tokenizer, self.vocab_size)
+        grammar = params.guided.llguidance_grammar()
+        if error := llguidance.LLMatcher.validate_grammar(grammar, vocabulary):
+            raise InvalidRequestError(f"invalid constraint: {error}")
+        return vocabulary, grammar
 
     def abort(self, request_id: str) -> None:
         """Drop a request now, freeing its blocks (a client went away)."""
@@ -329,6 +354,9 @@ class Engine:
     # -- sampling and outputs ------------------------------------------------------------------
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Request]:
+        guided = [(row, s.guided) for row, s in enumerate(seqs) if s.guided is not None]
+        if guided:
+            mask_logits(logits, [row for row, _ in guided], [state for _, state in guided])
         tokens, logprobs = sample_batch(
             logits,
             [s.request.params for s in seqs],
@@ -338,6 +366,10 @@ class Engine:
         )
         touched: dict[str, Request] = {}
         for seq, token, lp in zip(seqs, tokens, logprobs, strict=True):
+            if seq.guided is not None and not seq.guided.advance(token):
+                # Only a token that bypassed the mask gets here: the rest goes unconstrained.
+                logger.warning("%s: %s", seq.request.request_id, seq.guided.matcher.get_error())
+                seq.guided = None
             self._append(seq, token, lp)
             touched[seq.request.request_id] = seq.request
         return list(touched.values())

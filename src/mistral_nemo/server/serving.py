@@ -4,6 +4,7 @@ events."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 
 from fastapi.responses import Response, StreamingResponse
@@ -14,6 +15,7 @@ from mistral_nemo.sampling import DEFAULT_TEMPERATURE, SamplingParams
 from mistral_nemo.server.async_engine import AsyncEngine, EngineError, RequestStream
 from mistral_nemo.server.errors import APIError
 from mistral_nemo.server.protocol import ErrorInfo, ErrorResponse, SamplingFields
+from mistral_nemo.structured import Guidance
 from mistral_nemo.tokenizer import BaseTokenizer
 
 
@@ -41,8 +43,8 @@ class OpenAIServing:
         prompt_len: int,
         max_tokens: int | None,
         logprobs: int | None,
-        prefix_token_ids: list[int] | None = None,
         banned_token_ids: list[int] | None = None,
+        guided: Guidance | None = None,
     ) -> SamplingParams:
         """The request's settings, OpenAI's defaults filled in; an unset max_tokens is the
         rest of the context. Raises InvalidRequestError (a 400) for values out of range."""
@@ -62,9 +64,49 @@ class OpenAIServing:
             repetition_penalty=body.repetition_penalty or 1.0,
             logprobs=logprobs,
             ignore_eos=body.ignore_eos,
-            prefix_token_ids=prefix_token_ids or [],
             banned_token_ids=banned_token_ids or [],
+            guided=guided,
         )
+
+    @staticmethod
+    def guidance(body: SamplingFields) -> Guidance | None:
+        """The structured output a request asks for: response_format (OpenAI) or one of the
+        guided_* fields (vLLM)."""
+        asked: dict[str, Guidance] = {}
+        rf = body.response_format
+        if rf is not None and rf.type == "json_object":
+            asked["response_format"] = Guidance(json_object=True)
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None:
+                raise APIError(
+                    400,
+                    "response_format json_schema needs json_schema.schema",
+                    param="response_format",
+                )
+            asked["response_format"] = Guidance(json_schema=rf.json_schema.json_schema)
+        if body.guided_json is not None:
+            schema = body.guided_json
+            if isinstance(schema, str):
+                try:
+                    schema = json.loads(schema)
+                except ValueError as e:
+                    raise APIError(
+                        400, f"guided_json is not JSON: {e}", param="guided_json"
+                    ) from None
+            asked["guided_json"] = Guidance(json_schema=schema)
+        if body.guided_regex is not None:
+            asked["guided_regex"] = Guidance(regex=body.guided_regex)
+        if body.guided_choice is not None:
+            asked["guided_choice"] = Guidance(choice=tuple(body.guided_choice))
+        if body.guided_grammar is not None:
+            asked["guided_grammar"] = Guidance(grammar=body.guided_grammar)
+        if len(asked) > 1:
+            raise APIError(
+                400,
+                f"choose one structured output, not {' and '.join(asked)}",
+                param=next(iter(asked)),
+            )
+        return next(iter(asked.values()), None)
 
     @staticmethod
     async def final_output(stream: RequestStream) -> RequestOutput:

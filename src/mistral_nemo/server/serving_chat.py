@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -33,6 +32,7 @@ from mistral_nemo.server.protocol import (
     Usage,
 )
 from mistral_nemo.server.serving import OpenAIServing
+from mistral_nemo.structured import Guidance, tool_calls_guidance
 from mistral_nemo.tokenizer.tool_calls import calls_tools, tool_call_answer, tool_calls_id
 
 ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
@@ -46,14 +46,22 @@ class ChatServing(OpenAIServing):
         if tools is None and choice not in ("auto", "none"):
             raise APIError(400, "tool_choice needs tools", param="tool_choice")
         prompt = self.tokenizer.encode_chat(body.messages, tools)
-        prefix, banned = self._tool_choice(tools, choice)
+        banned, guided = self._tool_choice(tools, choice, body.parallel_tool_calls is not False)
+        if (asked := self.guidance(body)) is not None:
+            if guided is not None and choice != "auto":
+                raise APIError(
+                    400,
+                    "a structured output cannot be asked with tool_choice " + str(choice),
+                    param="response_format",
+                )
+            guided = asked  # with tool_choice auto: answer in the format, not with a call
         params = self.sampling_params(
             body,
             len(prompt),
             body.max_completion_tokens or body.max_tokens,
             (body.top_logprobs or 0) if body.logprobs else None,
-            prefix_token_ids=prefix,
             banned_token_ids=banned,
+            guided=guided,
         )
         stream = await self.engine.submit(prompt, params)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -72,33 +80,33 @@ class ChatServing(OpenAIServing):
         )
 
     def _tool_choice(
-        self, tools: list[dict[str, Any]] | None, choice: ToolChoice
-    ) -> tuple[list[int], list[int]]:
-        """tool_choice as constraints on the completion, (prefix ids, banned ids): "none" bans
-        [TOOL_CALLS], "required" starts with it, a named function starts with its call up to
-        the arguments."""
-        if not tools or choice == "auto":
-            return [], []
+        self, tools: list[dict[str, Any]] | None, choice: ToolChoice, parallel: bool
+    ) -> tuple[list[int], Guidance | None]:
+        """tool_choice as constraints on the completion, (banned ids, guidance): "none" bans
+        [TOOL_CALLS]; "required" and a named function allow only calls valid under the
+        tools' schemas; "auto" lets the model answer in text but holds a call it starts to
+        the same schemas."""
+        if not tools:
+            return [], None
         marker = tool_calls_id(self.tokenizer)
         if marker is None:  # a vocabulary without [TOOL_CALLS] never calls tools
-            if choice == "none":
-                return [], []
+            if choice in ("none", "auto"):
+                return [], None
             raise APIError(
                 400,
                 "this model cannot call tools: tool_choice must be auto or none",
                 param="tool_choice",
             )
-        if not isinstance(choice, NamedToolChoice):
-            return ([], [marker]) if choice == "none" else ([marker], [])
-        name = choice.function.name
-        if name not in {t["function"]["name"] for t in tools}:
+        if choice == "none":
+            return [marker], None
+        name = choice.function.name if isinstance(choice, NamedToolChoice) else None
+        if name is not None and name not in {t["function"]["name"] for t in tools}:
             raise APIError(
                 400,
                 f"tool_choice names {name!r}, which is not among the tools",
                 param="tool_choice",
             )
-        start = json.dumps([{"name": name, "arguments": 0}])
-        return [marker, *self.tokenizer.encode(start[: start.index("0")].rstrip())], []
+        return [], tool_calls_guidance(tools, name, parallel, text=choice == "auto")
 
     def _choice(self, o: CompletionOutput, with_tools: bool, logprobs: bool) -> ChatChoice:
         answer = tool_call_answer(self.tokenizer, o.token_ids) if with_tools else None

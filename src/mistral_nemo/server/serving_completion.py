@@ -25,7 +25,9 @@ class CompletionServing(OpenAIServing):
     async def create(self, body: CompletionRequest) -> Response:
         self.check_model(body.model)
         ids, is_text = self._prompt_ids(body.prompt)
-        params = self.sampling_params(body, len(ids), body.max_tokens, body.logprobs)
+        params = self.sampling_params(
+            body, len(ids), body.max_tokens, body.logprobs, guided=self.guidance(body)
+        )
         stream = await self.engine.submit(ids, params)
         rid = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
