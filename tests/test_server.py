@@ -389,6 +389,22 @@ def test_mistralai_client(server):
     )
     assert r.choices[0].message.role == "assistant"
     assert r.usage.prompt_tokens == 4
+    tool = {"type": "function", "function": {"name": "plan", "parameters": WEATHER_SCHEMA}}
+    r = m.chat.complete(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Plan"}],
+        tools=[tool],
+        tool_choice="any",  # Mistral's "required"
+        parallel_tool_calls=False,
+        max_tokens=120,
+        temperature=1.0,
+    )
+    assert r.choices[0].finish_reason == "tool_calls"
+    call = r.choices[0].message.tool_calls[0]
+    arguments = call.function.arguments
+    jsonschema.validate(
+        json.loads(arguments) if isinstance(arguments, str) else arguments, WEATHER_SCHEMA
+    )
 
 
 def test_bf16_server_model_runs(tiny_mistral):

@@ -77,7 +77,8 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    # "any" is Mistral's API's name for "required"
+    tool_choice: Literal["none", "auto", "required", "any"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
 
 

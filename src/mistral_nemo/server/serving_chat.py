@@ -43,6 +43,8 @@ class ChatServing(OpenAIServing):
         self.check_model(body.model)
         tools = body.tools or None
         choice = body.tool_choice or "auto"
+        if choice == "any":
+            choice = "required"
         if tools is None and choice not in ("auto", "none"):
             raise APIError(400, "tool_choice needs tools", param="tool_choice")
         prompt = self.tokenizer.encode_chat(body.messages, tools)
