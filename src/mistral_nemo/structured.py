@@ -107,12 +107,12 @@ def llg_tokenizer(tokenizer: BaseTokenizer, vocab_size: int) -> llguidance.LLTok
     by_size = _LLG_TOKENIZERS.setdefault(tokenizer, {})
     if vocab_size not in by_size:
         by_size[vocab_size] = llguidance.LLTokenizer(
-            llguidance.TokenizerWrapper(_VocabularyView(tokenizer)), n_vocab=vocab_size
+            llguidance.TokenizerWrapper(VocabularyView(tokenizer)), n_vocab=vocab_size
         )
     return by_size[vocab_size]
 
 
-class _VocabularyView:
+class VocabularyView:
     """What llguidance's TokenizerWrapper reads of a tokenizer: every token's bytes (a
     control token as its name in angle brackets), the control ids, BOS / EOS, and encoding."""
 
