@@ -137,3 +137,32 @@ def test_auto_allows_text_and_holds_calls_to_the_schemas(llm):
 def test_bad_constraints_are_refused_by_name(llm, guided, message):
     with pytest.raises(InvalidRequestError, match=message):
         llm.generate(["x"], SamplingParams(max_tokens=5, guided=guided()))
+
+
+def test_tools_on_a_model_without_tool_calls():
+    """The demo model's chat format has no tools: the server describes them in the system
+    prompt and holds the answer to a `<tool_call>` block, returned in OpenAI's shape."""
+    from fastapi.testclient import TestClient
+
+    from mistral_nemo.demo import demo_model_path
+    from mistral_nemo.server import create_app
+
+    llm = LLM(demo_model_path(), kv_cache_memory="64MiB")
+    tool = {"type": "function", "function": {"name": "weather", "parameters": SCHEMA}}
+    body = {
+        "model": "demo",
+        "messages": [{"role": "user", "content": "What is the weather in Paris for 3 days?"}],
+        "tools": [tool],
+        "tool_choice": "required",
+        "parallel_tool_calls": False,
+        "max_tokens": 200,
+        "temperature": 0,
+    }
+    with TestClient(create_app(llm, "demo")) as client:
+        reply = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+        none = client.post("/v1/chat/completions", json={**body, "tool_choice": "none"})
+    assert reply["finish_reason"] == "tool_calls", reply
+    (call,) = reply["message"]["tool_calls"]
+    assert call["function"]["name"] == "weather" and len(call["id"]) == 9
+    jsonschema.validate(json.loads(call["function"]["arguments"]), SCHEMA)
+    assert none.json()["choices"][0]["finish_reason"] != "tool_calls"

@@ -173,12 +173,18 @@ def mask_logits(logits: torch.Tensor, rows: list[int], states: list[GuidedState]
 
 
 def tool_calls_guidance(
-    tools: list[dict[str, Any]], name: str | None = None, parallel: bool = True, text: bool = False
+    tools: list[dict[str, Any]],
+    name: str | None = None,
+    parallel: bool = True,
+    text: bool = False,
+    chat_format: str = "mistral",
 ) -> Guidance:
-    """NeMo's tool calls, `[TOOL_CALLS]` then the JSON list of calls, each naming one of
-    `tools` (or the function `name`) with arguments valid under its `parameters` schema;
-    one call only unless `parallel`; with `text`, a plain text answer instead is allowed
-    (tool_choice "auto": the model chooses, and a call it starts is held to the schemas)."""
+    """Tool calls: the JSON list of calls, each naming one of `tools` (or the function
+    `name`) with arguments valid under its `parameters` schema; one call only unless
+    `parallel`. In NeMo's format ("mistral") the list follows `[TOOL_CALLS]`; in the
+    generic one ("text", `tokenizer.text_tools`) it sits in a `<tool_call>` block. With
+    `text` (tool_choice "auto") the model may answer in text, before calls or instead of
+    them, and a call it starts is held to the schemas."""
     calls = [
         {
             "type": "object",
@@ -195,7 +201,10 @@ def tool_calls_guidance(
     array: dict[str, Any] = {"type": "array", "items": {"anyOf": calls}, "minItems": 1}
     if not parallel:
         array["maxItems"] = 1
-    lark = "start: TEXT | TEXT? <TOOL_CALLS> calls\n" if text else "start: <TOOL_CALLS> calls\n"
+    call = (
+        "<TOOL_CALLS> calls" if chat_format == "mistral" else '"<tool_call>" calls "</tool_call>"'
+    )
+    lark = f"start: TEXT | TEXT? {call}\n" if text else f"start: {call}\n"
     lark += f"calls: {json_lark(array)}\n"
     if text:
         lark += "TEXT: /(.|\\n)+/\n"

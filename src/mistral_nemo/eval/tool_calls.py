@@ -13,21 +13,12 @@ Two chat formats:
 - "mistral": NeMo's own (Tekken instruct): the tools go in [AVAILABLE_TOOLS], the calls come
   after [TOOL_CALLS] (`tokenizer.tool_calls.parse_output`).
 - "text": for chat templates without tools, such as the demo model's (SmolLM2-135M-Instruct,
-  ChatML). `to_text_tools` writes tools and calls as text, in the convention SmolLM2-Instruct
-  learned function calling in (from Argilla's Synth-APIGen data; the system prompt of its
-  card's function-calling instructions, which ollama's smollm2 template carries): the tools
-  as a JSON list inside `<tools>...</tools>` in the system prompt, the calls as
-  `<tool_call>[{"name": ..., "arguments": {...}}]</tool_call>`, each tool result as a user
-  turn inside `<tool_response>...</tool_response>` (as ollama's template renders tool
-  messages). The instructions around the tools are worded here, not copied. Where that
-  prompt asks for an empty list when no function fits, our answers are plain text; an
-  answer of `<tool_call>[]</tool_call>` still reads as calling nothing.
+  ChatML): tools and calls written as text (`tokenizer.text_tools`).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,92 +31,16 @@ from mistral_nemo.errors import InvalidRequestError
 from mistral_nemo.eval.tasks import read_jsonl
 from mistral_nemo.sampling import SamplingParams
 from mistral_nemo.tokenizer import BaseTokenizer
-from mistral_nemo.tokenizer.tool_calls import AssistantOutput, parse_output, parse_tool_calls
+from mistral_nemo.tokenizer.text_tools import call_arguments, parse_text_tool_calls, to_text_tools
+from mistral_nemo.tokenizer.tool_calls import AssistantOutput, parse_output
 
 CHAT_FORMATS = ("mistral", "text")
 MAX_TOKENS = 256  # room for two calls with long arguments (an email body)
-
-TEXT_TOOLS_PROMPT = (
-    "You can call functions to answer the user. The functions, as a JSON list:\n"
-    "<tools>{tools}</tools>\n\n"
-    "To call one or more of them, answer with only the list of calls, with arguments of the "
-    "types the schemas give, in this form:\n"
-    '<tool_call>[{{"name": "function_name", "arguments": {{"argument": "value"}}}}]'
-    "</tool_call>\n"
-    "If none of the functions fits the request, answer in plain text and call nothing."
-)
-TOOL_CALL_BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
 
 
 def load_conversations(path: str | Path) -> list[dict[str, Any]]:
     """The conversations of a JSONL file, one a line."""
     return [row for _, row in read_jsonl(path)]
-
-
-# --- the text format ------------------------------------------------------------------------
-
-
-def to_text_tools(conversation: dict[str, Any]) -> dict[str, Any]:
-    """The conversation for a chat template without tools: `{"messages": [...]}` with only
-    system, user and assistant turns of text. The tools go into the system prompt (before
-    the conversation's own system text), tool calls into the assistant's text, tool results
-    into user turns. A pure function: the input is left as it is."""
-    tools = conversation.get("tools") or []
-    system = [m["content"] for m in conversation["messages"] if m["role"] == "system"]
-    if tools:
-        listed = json.dumps(tools, ensure_ascii=False)
-        system.insert(0, TEXT_TOOLS_PROMPT.format(tools=listed))
-    messages = [{"role": "system", "content": "\n\n".join(system)}] if system else []
-    for message in conversation["messages"]:
-        role = message["role"]
-        if role == "tool":
-            response = f"<tool_response>\n{message['content']}\n</tool_response>"
-            messages.append({"role": "user", "content": response})
-        elif role == "assistant":
-            messages.append({"role": "assistant", "content": _assistant_text(message)})
-        elif role == "user":
-            messages.append({"role": "user", "content": message["content"]})
-    return {"messages": messages}
-
-
-def _assistant_text(message: dict[str, Any]) -> str:
-    calls = [
-        {"name": c["function"]["name"], "arguments": _arguments(c["function"])}
-        for c in message.get("tool_calls") or []
-    ]
-    parts = [message.get("content") or ""]
-    if calls:
-        parts.append(f"<tool_call>{json.dumps(calls, ensure_ascii=False)}</tool_call>")
-    return "\n".join(p for p in parts if p)
-
-
-def _arguments(function: dict[str, Any]) -> Any:
-    arguments = function.get("arguments") or {}
-    return json.loads(arguments) if isinstance(arguments, str) else arguments
-
-
-def parse_text_tool_calls(text: str) -> AssistantOutput:
-    """The calls in `<tool_call>` blocks of a completion (the last block may be cut short
-    by the token limit) and the text around them. A block that does not parse leaves the
-    whole completion as content, with `error` saying why, as `parse_output` does."""
-    blocks = TOOL_CALL_BLOCK.findall(text)
-    content = TOOL_CALL_BLOCK.sub("", text).strip()
-    calls: list[dict[str, Any]] = []
-    for block in blocks:
-        if _is_empty_list(block):  # the convention's way of calling nothing
-            continue
-        try:
-            calls += parse_tool_calls(block)
-        except ValueError as e:
-            return AssistantOutput(text, error=str(e))
-    return AssistantOutput(content, calls)
-
-
-def _is_empty_list(block: str) -> bool:
-    try:
-        return json.loads(block) == []
-    except json.JSONDecodeError:
-        return False
 
 
 # --- prompts and answers --------------------------------------------------------------------
@@ -168,7 +83,7 @@ def expected_calls(conversation: dict[str, Any]) -> list[dict[str, Any]]:
     empty when that turn answers in text."""
     first = next(m for m in conversation["messages"] if m["role"] == "assistant")
     return [
-        {"name": c["function"]["name"], "arguments": _arguments(c["function"])}
+        {"name": c["function"]["name"], "arguments": call_arguments(c["function"])}
         for c in first.get("tool_calls") or []
     ]
 

@@ -33,7 +33,13 @@ from mistral_nemo.server.protocol import (
 )
 from mistral_nemo.server.serving import OpenAIServing
 from mistral_nemo.structured import Guidance, tool_calls_guidance
-from mistral_nemo.tokenizer.tool_calls import calls_tools, tool_call_answer, tool_calls_id
+from mistral_nemo.tokenizer.text_tools import TOOL_CALL_OPEN, parse_text_tool_calls, to_text_tools
+from mistral_nemo.tokenizer.tool_calls import (
+    AssistantOutput,
+    calls_tools,
+    tool_call_answer,
+    tool_calls_id,
+)
 
 ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
@@ -47,7 +53,15 @@ class ChatServing(OpenAIServing):
             choice = "required"
         if tools is None and choice not in ("auto", "none"):
             raise APIError(400, "tool_choice needs tools", param="tool_choice")
-        prompt = self.tokenizer.encode_chat(body.messages, tools)
+        uses_tools = tools is not None or any(
+            m.get("role") == "tool" or m.get("tool_calls") for m in body.messages
+        )
+        if self.native_tools or not uses_tools:
+            prompt = self.tokenizer.encode_chat(body.messages, tools)
+        else:  # the generic format: tools in the system prompt, calls as text
+            shown = tools if choice != "none" else None
+            conversation = to_text_tools({"tools": shown, "messages": body.messages})
+            prompt = self.tokenizer.encode_chat(conversation["messages"])
         banned, guided = self._tool_choice(tools, choice, body.parallel_tool_calls is not False)
         if (asked := self.guidance(body)) is not None:
             if guided is not None and choice != "auto":
@@ -81,26 +95,24 @@ class ChatServing(OpenAIServing):
             )
         )
 
+    @property
+    def native_tools(self) -> bool:
+        """Whether the chat format has tool calls of its own (NeMo's [TOOL_CALLS]); other
+        models get the generic text format (`tokenizer.text_tools`)."""
+        return tool_calls_id(self.tokenizer) is not None
+
     def _tool_choice(
         self, tools: list[dict[str, Any]] | None, choice: ToolChoice, parallel: bool
     ) -> tuple[list[int], Guidance | None]:
         """tool_choice as constraints on the completion, (banned ids, guidance): "none" bans
-        [TOOL_CALLS]; "required" and a named function allow only calls valid under the
-        tools' schemas; "auto" lets the model answer in text but holds a call it starts to
-        the same schemas."""
+        [TOOL_CALLS] (the generic format shows no tools then); "required" and a named
+        function allow only calls valid under the tools' schemas; "auto" lets the model
+        answer in text but holds a call it starts to the same schemas."""
         if not tools:
             return [], None
         marker = tool_calls_id(self.tokenizer)
-        if marker is None:  # a vocabulary without [TOOL_CALLS] never calls tools
-            if choice in ("none", "auto"):
-                return [], None
-            raise APIError(
-                400,
-                "this model cannot call tools: tool_choice must be auto or none",
-                param="tool_choice",
-            )
         if choice == "none":
-            return [marker], None
+            return ([marker] if marker is not None else []), None
         name = choice.function.name if isinstance(choice, NamedToolChoice) else None
         if name is not None and name not in {t["function"]["name"] for t in tools}:
             raise APIError(
@@ -108,10 +120,24 @@ class ChatServing(OpenAIServing):
                 f"tool_choice names {name!r}, which is not among the tools",
                 param="tool_choice",
             )
-        return [], tool_calls_guidance(tools, name, parallel, text=choice == "auto")
+        chat_format = "mistral" if marker is not None else "text"
+        return [], tool_calls_guidance(tools, name, parallel, choice == "auto", chat_format)
+
+    def _answer(self, o: CompletionOutput) -> AssistantOutput | None:
+        """A finished completion's text and tool calls, if it made valid calls."""
+        if self.native_tools:
+            return tool_call_answer(self.tokenizer, o.token_ids)
+        answer = parse_text_tool_calls(o.text)
+        return answer if answer.tool_calls else None
+
+    def _in_call(self, o: CompletionOutput) -> bool:
+        """Whether a completion has started calling tools (its text is then held back)."""
+        if self.native_tools:
+            return calls_tools(self.tokenizer, o.token_ids)
+        return TOOL_CALL_OPEN in o.text
 
     def _choice(self, o: CompletionOutput, with_tools: bool, logprobs: bool) -> ChatChoice:
-        answer = tool_call_answer(self.tokenizer, o.token_ids) if with_tools else None
+        answer = self._answer(o) if with_tools else None
         if answer is None:
             message, finish = ChatMessage(content=o.text), o.finish_reason
         else:
@@ -156,11 +182,11 @@ class ChatServing(OpenAIServing):
             for o in out.outputs:
                 # Once a choice calls tools, its text is the calls' JSON: hold it back until
                 # they can be parsed whole, at the end.
-                in_call = with_tools and calls_tools(self.tokenizer, o.token_ids)
+                in_call = with_tools and self._in_call(o)
                 delta = DeltaMessage(content=None if in_call else o.delta or None)
                 finish = o.finish_reason
                 if finish is not None and in_call:
-                    answer = tool_call_answer(self.tokenizer, o.token_ids)
+                    answer = self._answer(o)
                     if answer is None:  # not valid calls: the held-back text, as it is
                         delta.content = o.text[sent_text[o.index] :]
                     else:
