@@ -89,7 +89,12 @@ def run(llm: LLM, tools: list[dict], plan: dict, args: argparse.Namespace) -> li
         "n": args.n,
     }
     asks = {
-        "tool_choice required": {"tools": tools, "tool_choice": "required"},
+        # One call a reply: random weights would otherwise add calls until max_tokens.
+        "tool_choice required": {
+            "tools": tools,
+            "tool_choice": "required",
+            "parallel_tool_calls": False,
+        },
         "response_format json_schema": {
             "response_format": {"type": "json_schema", "json_schema": {"schema": plan}}
         },

@@ -166,3 +166,14 @@ def test_tools_on_a_model_without_tool_calls():
     assert call["function"]["name"] == "weather" and len(call["id"]) == 9
     jsonschema.validate(json.loads(call["function"]["arguments"]), SCHEMA)
     assert none.json()["choices"][0]["finish_reason"] != "tool_calls"
+
+
+def test_text_tool_calls_read_whole_json_blocks():
+    """A string argument may hold the closing tag: the block's JSON is read whole."""
+    from mistral_nemo.tokenizer.text_tools import parse_text_tool_calls
+
+    args = {"note": "done}}]</tool_call> really"}
+    text = f'<tool_call>[{{"name": "f", "arguments": {json.dumps(args)}}}]</tool_call> bye'
+    answer = parse_text_tool_calls(text)
+    assert [json.loads(c["arguments"]) for c in answer.tool_calls] == [args]
+    assert answer.content == "bye"

@@ -15,7 +15,6 @@ model whose vocabulary has no [TOOL_CALLS], as llama.cpp offers a generic tool f
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 from mistral_nemo.tokenizer.tool_calls import AssistantOutput, parse_tool_calls
@@ -29,8 +28,7 @@ TEXT_TOOLS_PROMPT = (
     "</tool_call>\n"
     "If none of the functions fits the request, answer in plain text and call nothing."
 )
-TOOL_CALL_OPEN = "<tool_call>"
-TOOL_CALL_BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 
 
 def to_text_tools(conversation: dict[str, Any]) -> dict[str, Any]:
@@ -74,24 +72,31 @@ def call_arguments(function: dict[str, Any]) -> Any:
 
 
 def parse_text_tool_calls(text: str) -> AssistantOutput:
-    """The calls in `<tool_call>` blocks of a completion (the last block may be cut short
-    by the token limit) and the text around them. A block that does not parse leaves the
-    whole completion as content, with `error` saying why, as `parse_output` does."""
-    blocks = TOOL_CALL_BLOCK.findall(text)
-    content = TOOL_CALL_BLOCK.sub("", text).strip()
+    """The calls in `<tool_call>` blocks of a completion and the text around them. Each
+    block's JSON is read whole, so a string argument may hold `</tool_call>` itself; a
+    missing closing tag (the token limit cut it) is tolerated. A block that does not parse
+    leaves the whole completion as content, with `error` saying why, as `parse_output`
+    does."""
     calls: list[dict[str, Any]] = []
-    for block in blocks:
-        if _is_empty_list(block):  # the convention's way of calling nothing
-            continue
+    content, at = [], 0
+    while (start := text.find(TOOL_CALL_OPEN, at)) >= 0:
+        content.append(text[at:start])
+        begin = _skip_space(text, start + len(TOOL_CALL_OPEN))
         try:
-            calls += parse_tool_calls(block)
+            value, end = json.JSONDecoder().raw_decode(text, begin)
+            if value != []:  # the convention's way of calling nothing
+                calls += parse_tool_calls(text[begin:end])
+        except json.JSONDecodeError as e:
+            return AssistantOutput(text, error=f"tool calls are not valid JSON: {e}")
         except ValueError as e:
             return AssistantOutput(text, error=str(e))
-    return AssistantOutput(content, calls)
+        after = _skip_space(text, end)
+        at = after + len(TOOL_CALL_CLOSE) if text.startswith(TOOL_CALL_CLOSE, after) else end
+    content.append(text[at:])
+    return AssistantOutput("".join(content).strip(), calls)
 
 
-def _is_empty_list(block: str) -> bool:
-    try:
-        return json.loads(block) == []
-    except json.JSONDecodeError:
-        return False
+def _skip_space(text: str, i: int) -> int:
+    while i < len(text) and text[i].isspace():
+        i += 1
+    return i
