@@ -345,6 +345,7 @@ def test_server_on_the_demo_gguf(smollm2):
         r = http.post("/v1/chat/completions", json=body)
         assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["message"]["content"]
         assert r.json()["choices"][0]["finish_reason"] == "stop"  # <|im_end|> is its EOS
+        # Its chat format has no tools: they go in the system prompt, calls come as text.
         tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
         r = http.post("/v1/chat/completions", json={**body, "tools": [tool]})
-        assert r.status_code == 400 and "tools" in r.json()["error"]["message"]
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"

@@ -130,7 +130,7 @@ def test_chunked_head_loss_equals_the_plain_loss(
     expected = torch.autograd.grad(plain * 0.5, trainable)
     torch.testing.assert_close(loss, plain)
     for grad, want in zip(grads, expected, strict=True):
-        torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(grad, want, rtol=1e-3, atol=1e-4)  # fp32 sum order
 
 
 def test_activation_checkpointing_keeps_gradients(
