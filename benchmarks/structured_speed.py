@@ -8,12 +8,12 @@ same vocabularies.
 Engine: each of --batches prompts decodes --steps tokens greedily (EOS ignored), once free
 and once held to a regex that lets any lowercase text through (so both runs decode the same
 number of tokens, and the constrained one computes a mask at every step); the figure is the
-median step time after the prefill. Libraries: the per-token mask time and the compile time
-of a JSON schema with nested objects, enums, arrays and ranges, stepping through a valid
-output, on Tekken (131k, random tiny checkpoint with the real tekken.json) and the demo
-model's GGUF vocabulary (49k). xgrammar's wheel needs transformers and triton besides;
-to measure it without them, install it with --no-deps (plus apache-tvm-ffi) in a scratch
-venv that sees this one's packages.
+median step time after the prefill. Libraries: the per-token mask time and the compile
+time of structured_validity.py's JSON schema (nested objects, enums, an array, ranges),
+stepping through a valid output, on Tekken (131k, random tiny checkpoint with the real
+tekken.json) and the demo model's GGUF vocabulary (49k). xgrammar's wheel needs
+transformers and triton besides; to measure it without them, install it with --no-deps
+(plus apache-tvm-ffi) in a scratch venv that sees this one's packages.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import save, table
+from structured_validity import PLAN
 
 from mistral_nemo import LLM, ModelConfig
 from mistral_nemo.checkpoint.random_init import init_random
@@ -36,29 +37,13 @@ from mistral_nemo.sampling import SamplingParams
 from mistral_nemo.structured import Guidance, GuidedState, VocabularyView, llg_tokenizer
 from mistral_nemo.tokenizer import BaseTokenizer, load_tokenizer
 
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string"},
-        "days": {"type": "integer", "minimum": 1, "maximum": 14},
-        "units": {"enum": ["celsius", "fahrenheit"]},
-        "stops": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "properties": {"name": {"type": "string"}, "nights": {"type": "integer"}},
-                "required": ["name", "nights"],
-            },
-        },
-    },
-    "required": ["city", "days", "units", "stops"],
-}
 ANSWER = {
     "city": "Paris",
     "days": 5,
     "units": "celsius",
     "stops": [{"name": "Lyon", "nights": 2}, {"name": "Nice", "nights": 3}],
-}
+    "budget": 1200,
+}  # valid under PLAN
 
 
 def step_times(llm: LLM, batch: int, steps: int, guided: Guidance | None) -> list[float]:
@@ -92,12 +77,22 @@ def engine_rows(steps: int, batches: list[int]) -> list[dict]:
     return rows
 
 
+def library_row(library: str, setup: float, compile_s: float, times: list[float]) -> dict:
+    return {
+        "library": library,
+        "setup s": setup,
+        "compile ms": compile_s * 1e3,
+        "mask us median": statistics.median(times) * 1e6,
+        "mask us max": max(times) * 1e6,
+    }
+
+
 def llguidance_row(tok: BaseTokenizer, vocab: int) -> dict:
     start = time.perf_counter()
     lt = llg_tokenizer(tok, vocab)
     setup = time.perf_counter() - start
     start = time.perf_counter()
-    state = GuidedState(lt, Guidance(json_schema=SCHEMA).llguidance_grammar())
+    state = GuidedState(lt, Guidance(json_schema=PLAN).llguidance_grammar())
     compile_s = time.perf_counter() - start
     mask = np.empty((vocab + 31) // 32, dtype=np.int32)
     times = []
@@ -106,13 +101,7 @@ def llguidance_row(tok: BaseTokenizer, vocab: int) -> dict:
         state.matcher.unsafe_compute_mask_ptr(mask.ctypes.data, mask.nbytes)
         times.append(time.perf_counter() - start)
         assert state.advance(token)
-    return {
-        "library": "llguidance",
-        "setup s": setup,
-        "compile ms": compile_s * 1e3,
-        "mask us median": statistics.median(times) * 1e6,
-        "mask us max": max(times) * 1e6,
-    }
+    return library_row("llguidance", setup, compile_s, times)
 
 
 def xgrammar_row(tok: BaseTokenizer, vocab: int) -> dict | None:
@@ -130,7 +119,7 @@ def xgrammar_row(tok: BaseTokenizer, vocab: int) -> dict | None:
     compiler = xgr.GrammarCompiler(info)
     setup = time.perf_counter() - start
     start = time.perf_counter()
-    compiled = compiler.compile_json_schema(json.dumps(SCHEMA), any_whitespace=False)
+    compiled = compiler.compile_json_schema(json.dumps(PLAN), any_whitespace=False)
     compile_s = time.perf_counter() - start
     matcher = xgr.GrammarMatcher(compiled)
     bitmask = xgr.allocate_token_bitmask(1, vocab)
@@ -140,13 +129,7 @@ def xgrammar_row(tok: BaseTokenizer, vocab: int) -> dict | None:
         matcher.fill_next_token_bitmask(bitmask)
         times.append(time.perf_counter() - start)
         assert matcher.accept_token(token)
-    return {
-        "library": "xgrammar",
-        "setup s": setup,
-        "compile ms": compile_s * 1e3,
-        "mask us median": statistics.median(times) * 1e6,
-        "mask us max": max(times) * 1e6,
-    }
+    return library_row("xgrammar", setup, compile_s, times)
 
 
 def main() -> None:
