@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from mistral_nemo import ModelConfig
 from mistral_nemo.checkpoint.random_init import init_random
+from mistral_nemo.train.config import TrainConfig, load_config
 
 torch.set_num_threads(2)
 
@@ -50,3 +52,35 @@ def tiny_hf(checkpoints: dict[tuple[str, str], Path]) -> Path:
 @pytest.fixture(scope="session")
 def tiny_mistral(checkpoints: dict[tuple[str, str], Path]) -> Path:
     return checkpoints["tiny", "mistral"]
+
+
+# Training runs of the tiny models: a small corpus and settings a few steps long.
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
+    "How vexingly quick daft zebras jump! Sphinx of black quartz, judge my vow. "
+)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    lines = [json.dumps({"text": TEXT * (1 + i % 3) + f"Document {i}."}) for i in range(24)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def train_settings(model: Path, out: Path, corpus: Path, **overrides: object) -> TrainConfig:
+    values = {
+        "model": str(model),
+        "output_dir": str(out),
+        "data": [str(corpus)],
+        "seq_len": 32,
+        "batch_size": 2,
+        "steps": 6,
+        "warmup_steps": 2,
+        "lr": 3e-3,
+        "precision": "fp32",
+        "cache_dir": str(out.parent / "token-cache"),
+        **overrides,
+    }
+    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in values.items()])

@@ -100,7 +100,7 @@ def test_gradients_reach_the_inputs_of_quantized_layers(scheme, dtype):
     x = torch.randn(3, 640, dtype=dtype, requires_grad=True)
     layer(x).float().sum().backward()
     assert x.grad is not None
-    expected = layer._dequantize(0, 384).sum(0)  # d(sum(x W^T)) / dx for each row
+    expected = layer.dequantize(0, 384).sum(0)  # d(sum(x W^T)) / dx for each row
     tolerance = 1e-4 if dtype == torch.float32 else 0.05
     assert torch.allclose(x.grad.float(), expected.expand(3, -1), atol=tolerance, rtol=0.02)
 
@@ -118,7 +118,7 @@ def test_fp8_scaled_mm_path(per_channel, static):
     layer = Fp8Linear(q, scale, input_scale)
     with torch.inference_mode():
         out = layer._scaled_mm(x)
-    ref = F.linear(x.float(), layer._dequantize(0, 384))
+    ref = F.linear(x.float(), layer.dequantize(0, 384))
     assert out.shape == (2, 7, 384) and out.dtype == torch.bfloat16
     assert ((out.float() - ref).norm() / ref.norm()) < 0.05
 
@@ -272,7 +272,7 @@ def test_int4_scales_are_fp16_and_reproduce_a_q4_1_grid():
     assert torch.equal(sz[..., 0].t().float(), d[..., 0])  # the same step, exactly
     layer = quantize_linear(w, "int4", group_size=32)
     assert layer.scales_zeros.dtype == torch.float16
-    deq = layer._dequantize(0, 64)
+    deq = layer.dequantize(0, 64)
     # only the fp16 rounding of the zero (q = 8's value) remains: far below the grid's step
     assert (deq - w).abs().max() < 0.01 * d.min()
 

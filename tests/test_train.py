@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import train_settings as settings
 from safetensors.torch import load_file
 
 from mistral_nemo import Transformer
@@ -21,36 +22,6 @@ from mistral_nemo.train.config import TrainConfig, load_config
 from mistral_nemo.train.optim import build_optimizer, lr_factor
 from mistral_nemo.train.packing import IGNORE
 from mistral_nemo.train.trainer import load_for_training, micro_batch_loss, train, training_data
-
-TEXT = (
-    "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
-    "How vexingly quick daft zebras jump! Sphinx of black quartz, judge my vow. "
-)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
-    lines = [json.dumps({"text": TEXT * (1 + i % 3) + f"Document {i}."}) for i in range(24)]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def settings(model: Path, out: Path, corpus: Path, **overrides: object) -> TrainConfig:
-    values = {
-        "model": str(model),
-        "output_dir": str(out),
-        "data": [str(corpus)],
-        "seq_len": 32,
-        "batch_size": 2,
-        "steps": 6,
-        "warmup_steps": 2,
-        "lr": 3e-3,
-        "precision": "fp32",
-        "cache_dir": str(out.parent / "token-cache"),
-        **overrides,
-    }
-    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in values.items()])
 
 
 def test_config_from_yaml_and_overrides(tmp_path: Path) -> None:

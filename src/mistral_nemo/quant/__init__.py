@@ -47,6 +47,17 @@ def quantize_linear(weight: torch.Tensor, scheme: str, group_size: int = 128) ->
     return Int4Linear(pack_int4(q), scales_zeros)
 
 
+@torch.no_grad()
+def quantized_weight(weight: torch.Tensor, scheme: str, group_size: int = 128) -> torch.Tensor:
+    """`weight` as the layer `quantize_linear(weight, scheme, group_size)` multiplies by,
+    in fp32: the fake quantization of quantization-aware training. It goes through that
+    layer and its own dequantization, so a QAT model and its quantized checkpoint compute
+    with the same numbers by construction."""
+    layer = quantize_linear(weight, scheme, group_size)
+    assert isinstance(layer, (Fp8Linear, Int8Linear, Int4Linear))
+    return layer.dequantize(0, layer.out_features)
+
+
 # The buffers of each quantized layer type that hold one entry (or row) per output.
 _ROW_BUFFERS: dict[type, tuple[str, ...]] = {
     Int4Linear: ("weight", "scales_zeros"),
@@ -114,4 +125,5 @@ __all__ = [
     "is_linear_weight",
     "layer_scheme",
     "quantize_linear",
+    "quantized_weight",
 ]

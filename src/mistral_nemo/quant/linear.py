@@ -139,12 +139,12 @@ class Fp8Linear(nn.Module):
         if (rows := _few_rows(x, self.in_features)) is not None and kernels.available(FP8):
             out = kernels.gemv(w, rows.squeeze(0)) * scale
             return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
-        return tiled_linear(x, self.out_features, self._dequantize)
+        return tiled_linear(x, self.out_features, self.dequantize)
 
     def kernel_spec(self) -> LinearSpec:
         return LinearSpec(self.weight, self.weight_scale)
 
-    def _dequantize(self, start: int, end: int) -> torch.Tensor:
+    def dequantize(self, start: int, end: int) -> torch.Tensor:
         scale = self.weight_scale
         if scale.numel() > 1:
             scale = scale[start:end, None]
@@ -200,7 +200,7 @@ class Int8Linear(nn.Module):
                 x2.contiguous(), self.weight, self.weight_scale.to(x.dtype)
             )
         elif x.device.type == "cpu":  # torch's int8 kernel is ~30x slower with fp32 inputs
-            out = tiled_linear(x2, self.out_features, self._dequantize)
+            out = tiled_linear(x2, self.out_features, self.dequantize)
         else:
             out = F.linear(x2, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
         return out.view(*x.shape[:-1], self.out_features)
@@ -208,7 +208,7 @@ class Int8Linear(nn.Module):
     def kernel_spec(self) -> LinearSpec:
         return LinearSpec(self.weight, self.weight_scale)
 
-    def _dequantize(self, start: int, end: int) -> torch.Tensor:
+    def dequantize(self, start: int, end: int) -> torch.Tensor:
         return self.weight[start:end].float() * self.weight_scale[start:end, None]
 
 
@@ -242,12 +242,12 @@ class Int4Linear(nn.Module):
         ):
             out = kernels.gemv_int4(self.weight, self.scales_zeros, self.group_size, rows)
             return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
-        return tiled_linear(x, self.out_features, self._dequantize)
+        return tiled_linear(x, self.out_features, self.dequantize)
 
     def kernel_spec(self) -> LinearSpec:
         return LinearSpec(self.weight, self.scales_zeros, self.group_size)
 
-    def _dequantize(self, start: int, end: int) -> torch.Tensor:
+    def dequantize(self, start: int, end: int) -> torch.Tensor:
         packed = self.weight[start:end]
         if packed.device.type == "cpu" and kernels.available(torch.float32):
             return kernels.dequantize_int4(packed, self.scales_zeros[start:end], self.group_size)

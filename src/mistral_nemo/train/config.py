@@ -54,6 +54,11 @@ class TrainConfig:
     )
     quantize: str | None = None  # QLoRA's frozen base: fp8, fp8-channel, int8, int4
     group_size: int = 128
+    # Quantization-aware training (full fine-tuning): the linear layers compute with their
+    # weights rounded as `mistral-nemo quantize --scheme QAT` stores them (train/qat.py);
+    # the result is saved in fp32 so that quantizing it reproduces the training numbers.
+    qat: str | None = None  # fp8, fp8-channel, int8, int4 (with group_size)
+    qat_activations: bool = False  # also round layer inputs to FP8 (as FP8 GPU matmuls do)
     # Bookkeeping.
     save_every: int = 0  # steps between resumable checkpoints; 0: only at the end
     keep_checkpoints: int = 2
@@ -89,6 +94,14 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.quantize and not self.lora_rank:
             raise ConfigError("quantize= trains LoRA adapters on a quantized base: set lora_rank")
+        if self.qat:
+            from mistral_nemo.quant import check_scheme
+
+            check_scheme(self.qat, self.group_size)
+            if self.lora_rank:
+                raise ConfigError("qat= trains every weight: unset lora_rank")
+        if self.qat_activations and not (self.qat or "").startswith("fp8"):
+            raise ConfigError("qat_activations rounds inputs to FP8: set qat=fp8 or fp8-channel")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)

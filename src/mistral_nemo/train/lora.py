@@ -103,7 +103,7 @@ def dense_weight(layer: BaseLinear) -> torch.Tensor:
     if isinstance(layer, nn.Linear):
         return layer.weight.detach().float()
     # The quantized layers' own dequantization, the one their forward uses.
-    return layer._dequantize(0, layer.out_features)
+    return layer.dequantize(0, layer.out_features)
 
 
 def target_layers(model: Transformer, config: LoraConfig) -> dict[str, BaseLinear]:

@@ -50,7 +50,8 @@ class TrainResult:
 
 def load_for_training(config: TrainConfig) -> Transformer:
     """The model with fp32 master weights (or a quantized frozen base for QLoRA), LoRA
-    adapters added when asked, activation checkpointing per block."""
+    adapters or fake quantization (QAT) added when asked, activation checkpointing per
+    block."""
     model = Transformer.from_pretrained(
         config.model,
         dtype=torch.float32,
@@ -75,6 +76,10 @@ def load_for_training(config: TrainConfig) -> Transformer:
                 target_modules=tuple(config.lora_targets),
             ),
         )
+    if config.qat:
+        from mistral_nemo.train.qat import add_fake_quantization
+
+        add_fake_quantization(model, config.qat, config.group_size, config.qat_activations)
     if config.activation_checkpointing:
         # The composable API adds hooks instead of wrapping modules, so parameter names
         # (and with them checkpoints and adapters) stay those of the plain model.
@@ -228,8 +233,9 @@ def _clip(params: list[nn.Parameter], max_norm: float) -> float:
 
 
 def save_result(model: Transformer, config: TrainConfig, out: Path) -> Path:
-    """The trained model as a normal checkpoint in the source's dtype with its tokenizer
-    files beside it, or the LoRA adapter in PEFT's format."""
+    """The trained model as a normal checkpoint in the source's dtype (fp32 after QAT: the
+    quantizer must see the weights training rounded) with its tokenizer files beside it,
+    or the LoRA adapter in PEFT's format."""
     if config.lora_rank:
         from mistral_nemo.train.lora import save_adapter
 
@@ -240,7 +246,8 @@ def save_result(model: Transformer, config: TrainConfig, out: Path) -> Path:
     target = out / "model"
     if target.exists():  # a finished run started again: its result is rewritten
         shutil.rmtree(target)
+    dtype = torch.float32 if config.qat else source.dtype
     model.save_pretrained(
-        target, layout=config.layout, dtype=source.dtype, extra_files=source.companion_files()
+        target, layout=config.layout, dtype=dtype, extra_files=source.companion_files()
     )
     return target
