@@ -70,7 +70,13 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def train_settings(model: Path, out: Path, corpus: Path, **overrides: object) -> TrainConfig:
-    values = {
+    values = train_values(model, out, corpus, **overrides)
+    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in values.items()])
+
+
+def train_values(model: Path, out: Path, corpus: Path, **overrides: object) -> dict[str, object]:
+    """The settings of `train_settings` as key: value (for a command line)."""
+    return {
         "model": str(model),
         "output_dir": str(out),
         "data": [str(corpus)],
@@ -83,4 +89,3 @@ def train_settings(model: Path, out: Path, corpus: Path, **overrides: object) ->
         "cache_dir": str(out.parent / "token-cache"),
         **overrides,
     }
-    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in values.items()])

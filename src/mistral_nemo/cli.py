@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -73,6 +74,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
         prompt = tokenizer.encode_chat([*messages, {"role": "user", "content": args.prompt}])
     else:
         prompt = tokenizer.encode(args.prompt, bos=True)
+    runner, cache, seed, shows = None, None, args.seed, True
+    if args.tp > 1:  # under torchrun: every rank runs its share, the main one prints
+        from mistral_nemo.parallel import init_world, shared_seed, split_for_generation
+
+        world = init_world(args.tp, args.device)
+        runner, cache = split_for_generation(model, world, len(prompt) + args.max_tokens)
+        seed, shows = shared_seed(world, args.seed), world.is_main
     stream = tokenizer.stream_decoder()
     start, n = time.perf_counter(), 0
     for token in generate(
@@ -82,14 +90,18 @@ def cmd_generate(args: argparse.Namespace) -> None:
         args.temperature,
         args.top_p,
         args.top_k,
-        args.seed,
+        seed,
         stop_ids=[tokenizer.eos_id],
+        runner=runner,
+        cache=cache,
     ):
-        print(stream.push(token), end="", flush=True)
+        if shows:
+            print(stream.push(token), end="", flush=True)
         n += 1
-    print(stream.flush())
-    elapsed = time.perf_counter() - start
-    print(f"[{len(prompt)} prompt tokens, {n} generated in {elapsed:.2f} s]", file=sys.stderr)
+    if shows:
+        print(stream.flush())
+        elapsed = time.perf_counter() - start
+        print(f"[{len(prompt)} prompt tokens, {n} generated in {elapsed:.2f} s]", file=sys.stderr)
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -295,6 +307,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from mistral_nemo.train.trainer import train
 
     result = train(load_config(path, settings))
+    if int(os.environ.get("RANK", "0")):
+        return  # the main process reports
     if result.interrupted:
         print(f"stopped at step {result.steps}; run the same command to resume", file=sys.stderr)
     else:
@@ -376,6 +390,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="tensor-parallel ranks, each holding 1/TP of every layer "
+        "(torchrun --nproc-per-node TP -m mistral_nemo generate --tp TP ...)",
+    )
     _add_loading_options(p)
     p.set_defaults(func=cmd_generate)
 
@@ -548,6 +569,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    finally:
+        if torch.distributed.is_initialized():  # launched by torchrun (train, generate --tp)
+            torch.distributed.destroy_process_group()
     return 0
 
 

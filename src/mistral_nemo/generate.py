@@ -7,7 +7,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
-from mistral_nemo.model import Transformer
+from mistral_nemo.model import KVCache, Transformer
 from mistral_nemo.runtime import ModelRunner
 from mistral_nemo.sampling import DEFAULT_TEMPERATURE, SamplingParams, sample
 
@@ -22,8 +22,12 @@ def generate(
     top_k: int = 0,
     seed: int | None = None,
     stop_ids: Iterable[int] | None = None,
+    runner: ModelRunner | None = None,
+    cache: KVCache | None = None,
 ) -> Iterator[int]:
-    """Yield generated token ids one by one; stops after a stop id (yielded) or max_tokens."""
+    """Yield generated token ids one by one; stops after a stop id (yielded) or max_tokens.
+    `runner` and `cache` (for the prompt and max_tokens) default to the fast path's and the
+    model's own; tensor-parallel generation gives a plain runner and a cache of its heads."""
     params = SamplingParams(
         temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, seed=seed
     )
@@ -33,8 +37,8 @@ def generate(
     generator = None
     if seed is not None:
         generator = torch.Generator(model.device).manual_seed(seed)
-    runner = ModelRunner(model)
-    cache = model.new_cache(1, len(prompt) + max_tokens)
+    runner = runner or ModelRunner(model)
+    cache = cache or model.new_cache(1, len(prompt) + max_tokens)
     tokens = torch.tensor([list(prompt)], device=model.device)
     logits = runner.logits(tokens, 0, cache, last_only=True)[:, -1]
     next_id = sample(logits, temperature, top_p, top_k, generator)

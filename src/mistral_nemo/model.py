@@ -146,9 +146,10 @@ class Attention(nn.Module):
         layer: int,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q = apply_rope(self.wq(x).view(b, t, self.n_heads, self.head_dim), freqs)
-        k = apply_rope(self.wk(x).view(b, t, self.n_kv_heads, self.head_dim), freqs)
-        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim)
+        # Heads counted from the projections' widths: a tensor-parallel rank has its share.
+        q = apply_rope(self.wq(x).view(b, t, -1, self.head_dim), freqs)
+        k = apply_rope(self.wk(x).view(b, t, -1, self.head_dim), freqs)
+        v = self.wv(x).view(b, t, -1, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is None:
             out = causal_attention(q, k, v, start)

@@ -178,11 +178,14 @@ def save_model(
     progress: bool = False,
     extra_files: dict[str, Path | bytes] | None = None,
     dtype: torch.dtype | None = None,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write `model`'s weights and config as a checkpoint folder in `layout`, cast to
     `dtype` (one tensor at a time) when given. A model with quantized linear layers (from
-    `quant.calibration.quantize_model`) is written quantized, in the Hugging Face layout."""
-    state = model.state_dict()
+    `quant.calibration.quantize_model`) is written quantized, in the Hugging Face layout.
+    `state` gives the tensors instead of `model.state_dict()` (a sharded model's, gathered)."""
+    if state is None:
+        state = model.state_dict()
     quantized = {
         f"{name}.weight": module
         for name, module in model.named_modules()

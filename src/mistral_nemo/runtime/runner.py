@@ -21,11 +21,12 @@ from mistral_nemo.runtime.threads import before_large_ops, one_token_steps
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer) -> None:
+    def __init__(self, model: Transformer, kernels: bool = True) -> None:
+        """`kernels=False` runs the model as it is (one split by tensor parallelism)."""
         self.model = model
-        if model.device.type == "cpu":
+        if kernels and model.device.type == "cpu":
             use_kernel_linears(model)
-        self.decode_step = DecodeStep(model)
+        self.decode_step = DecodeStep(model) if kernels else None
 
     def kernels_take(self, rows: int) -> bool:
         """Whether the CPU kernels do the products of a decode step of `rows` sequences (so
@@ -34,7 +35,7 @@ class ModelRunner:
         products of several rows are torch's) and the kernels the LM head's product of that
         many rows."""
         model = self.model
-        if rows == 0 or model.device.type != "cpu":
+        if rows == 0 or model.device.type != "cpu" or self.decode_step is None:
             return False
         if rows == 1:
             return model.config.dim >= kernels.MIN_COLUMNS
@@ -64,10 +65,11 @@ class ModelRunner:
     ) -> torch.Tensor:
         """`Transformer.hidden`, through the C decode step for one new token per sequence
         where it covers the model and the cache."""
-        if tokens.shape[1] == 1 and cache is not None and not torch.is_grad_enabled():
+        step = self.decode_step
+        if step and tokens.shape[1] == 1 and cache is not None and not torch.is_grad_enabled():
             layouts = kv_layouts(cache, start)
             if layouts:
-                out = self.decode_step(self.model.tok_embeddings(tokens), layouts)
+                out = step(self.model.tok_embeddings(tokens), layouts)
                 if out is not None:
                     return out
         return self.model.hidden(tokens, start, cache, last_only)

@@ -59,6 +59,13 @@ class TrainConfig:
     # the result is saved in fp32 so that quantizing it reproduces the training numbers.
     qat: str | None = None  # fp8, fp8-channel, int8, int4 (with group_size)
     qat_activations: bool = False  # also round layer inputs to FP8 (as FP8 GPU matmuls do)
+    # Scale-out under torchrun (parallel.py): the processes form a (data, tensor) mesh of
+    # (world / tp) x tp. Data-parallel ranks shard the model with FSDP2, each taking its share
+    # of the micro-batches (the global batch is batch_size x grad_accum x world / tp);
+    # tensor-parallel ranks split every layer.
+    tp: int = 1
+    sequence_parallel: bool = False  # with tp > 1: norms and residuals split by sequence
+    cpu_offload: bool = False  # FSDP2 keeps sharded parameters and optimizer in host memory
     # Bookkeeping.
     save_every: int = 0  # steps between resumable checkpoints; 0: only at the end
     keep_checkpoints: int = 2
@@ -88,7 +95,7 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}")
-        positive = ("steps", "batch_size", "grad_accum", "seq_len", "log_every")
+        positive = ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "tp")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -100,6 +107,12 @@ class TrainConfig:
             check_scheme(self.qat, self.group_size)
             if self.lora_rank:
                 raise ConfigError("qat= trains every weight: unset lora_rank")
+        if self.qat and self.tp > 1:
+            raise ConfigError("qat= rounds whole weights (one scale per tensor): use tp=1")
+        if self.sequence_parallel and self.seq_len % self.tp:
+            raise ConfigError(f"sequence_parallel splits seq_len={self.seq_len} over tp={self.tp}")
+        if self.cpu_offload and not self.device.startswith("cuda"):
+            raise ConfigError("cpu_offload keeps GPU training's shards in host memory: device=cuda")
         if self.qat_activations and not (self.qat or "").startswith("fp8"):
             raise ConfigError("qat_activations rounds inputs to FP8: set qat=fp8 or fp8-channel")
 

@@ -167,15 +167,19 @@ def merge_lora(model: Transformer) -> Transformer:
 
 
 def save_adapter(
-    model: Transformer, path: str | Path, base_model: str | Path | None = None
+    model: Transformer,
+    path: str | Path,
+    base_model: str | Path | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write the adapters of `model` as a PEFT adapter folder at `path`, atomically (an
     adapter folder already there is replaced). `base_model` is recorded as the config's
-    base_model_name_or_path."""
+    base_model_name_or_path. `tensors` gives the adapters' tensors by name instead of
+    `model`'s own (a sharded model's, gathered)."""
     write_adapter(
         Path(path),
         asdict(lora_config(model)),
-        adapter_state_dict(model),
+        adapter_state_dict(model) if tensors is None else tensors,
         model.config,
         None if base_model is None else str(base_model),
     )

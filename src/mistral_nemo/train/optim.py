@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from mistral_nemo.train.config import TrainConfig
 
@@ -22,8 +23,11 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
             continue
         (no_decay if param.ndim < 2 or id(param) in embeddings else decay).append(param)
     groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": [p for p in params if isinstance(p, DTensor) == split], "weight_decay": wd}
+        for params, wd in ((decay, config.weight_decay), (no_decay, 0.0))
+        # The fused kernel takes plain tensors or DTensors in one call, not both (tensor
+        # parallelism splits the matrices and leaves the norms whole).
+        for split in (False, True)
     ]
     return torch.optim.AdamW(
         [g for g in groups if g["params"]],

@@ -1,9 +1,10 @@
 """Resumable training checkpoints: everything a run needs to continue exactly where it stopped.
 
 One folder per step, `OUTPUT/checkpoints/step_000100/`:
-- `trainable.safetensors`: the parameters being trained (all of them, or the LoRA adapters;
-  a frozen base is rebuilt from the run's `model`),
-- `optimizer.pt`: AdamW's moments and step counts,
+- a torch.distributed.checkpoint (DCP) of the parameters being trained (all of them, or the
+  LoRA adapters; a frozen base is rebuilt from the run's `model`) and of AdamW's state, by
+  parameter name: each process writes its own shards, and loading reshards, so a run saved
+  by 2 processes resumes in 1 and the other way round;
 - `trainer.pt`: the step, the data position and every random generator's state.
 Written into a temporary folder that is renamed once complete, so a crash or Ctrl-C while
 saving never leaves a checkpoint that looks whole; older ones beyond `keep` are deleted.
@@ -20,10 +21,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
 
 from mistral_nemo.errors import CheckpointError
+from mistral_nemo.parallel import World
 
 PREFIX = "step_"
 
@@ -54,8 +61,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+def _trained_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model, optimizer) state by parameter name, the model's limited to what trains (a
+    QLoRA base's quantized buffers are rebuilt from the run's `model`, not saved)."""
+    model_state, optimizer_state = get_state_dict(
+        model, optimizer, options=StateDictOptions(ignore_frozen_params=True)
+    )
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {n: t for n, t in model_state.items() if n in trained}, optimizer_state
 
 
 def save_state(
@@ -64,24 +79,35 @@ def save_state(
     optimizer: torch.optim.Optimizer,
     state: TrainingState,
     keep: int,
+    world: World | None = None,
 ) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
+    """Every process calls this: each writes its shards, the main one the rest."""
+    world = world or World()
     final = root / f"{PREFIX}{state.step:06d}"
-    tmp = root / f".{final.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        weights = {n: p.detach().contiguous() for n, p in trainable_parameters(model).items()}
-        save_file(weights, tmp / "trainable.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save({"step": state.step, "data": state.data, "rng": state.rng}, tmp / "trainer.pt")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    except BaseException:
+    tmp = root / f".{final.name}.partial"
+    if world.is_main:
+        root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    world.barrier()
+    try:
+        model_state, optimizer_state = _trained_state(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
+        if world.is_main:
+            trainer = {"step": state.step, "data": state.data, "rng": state.rng}
+            torch.save(trainer, tmp / "trainer.pt")
+        world.barrier()
+        if world.is_main:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+    except BaseException:
+        if world.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in saved_checkpoints(root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    world.barrier()
+    if world.is_main:
+        for old in saved_checkpoints(root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -94,23 +120,24 @@ def saved_checkpoints(root: Path) -> list[Path]:
 
 
 def load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainingState:
-    """Restore the trained parameters and the optimizer in place; return the rest."""
+    """Restore the trained parameters and the optimizer in place (resharded to this run's
+    processes); return the rest."""
+    model_state, optimizer_state = _trained_state(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
     try:
-        weights = load_file(path / "trainable.safetensors")
+        dcp.load(state, checkpoint_id=path)
         trainer = torch.load(path / "trainer.pt", weights_only=False)
-        optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
-    except (OSError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: not a readable training checkpoint ({e})") from None
-    params = trainable_parameters(model)
-    if set(weights) != set(params):
-        missing = sorted(set(params) - set(weights))[:3]
-        extra = sorted(set(weights) - set(params))[:3]
+    except (OSError, RuntimeError, ValueError) as e:
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(
-            f"{path}: its trained parameters do not match this run's "
-            f"(missing {missing}, unexpected {extra}); was it written with other settings?"
-        )
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(weights[name])
-    optimizer.load_state_dict(optimizer_state)
+            f"{path}: not a training checkpoint of this run's parameters ({message}); "
+            "was it written with other settings?"
+        ) from None
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
+        options=StateDictOptions(strict=False),
+    )
     return TrainingState(trainer["step"], trainer["data"], trainer["rng"])

@@ -18,13 +18,17 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from types import FrameType
+from typing import cast
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from tqdm import tqdm
 
 from mistral_nemo.checkpoint.reading import open_checkpoint
+from mistral_nemo.checkpoint.writing import save_model
 from mistral_nemo.model import Block, Transformer
+from mistral_nemo.parallel import World, full_tensor, init_world, tensor_parallel
 from mistral_nemo.tokenizer import load_tokenizer
 from mistral_nemo.train.config import TrainConfig
 from mistral_nemo.train.loss import head_cross_entropy
@@ -48,14 +52,15 @@ class TrainResult:
     interrupted: bool  # stopped by Ctrl-C; resumable from the last checkpoint
 
 
-def load_for_training(config: TrainConfig) -> Transformer:
+def load_for_training(config: TrainConfig, world: World | None = None) -> Transformer:
     """The model with fp32 master weights (or a quantized frozen base for QLoRA), LoRA
     adapters or fake quantization (QAT) added when asked, activation checkpointing per
-    block."""
+    block; split over `world`'s processes (tensor parallel, then FSDP2)."""
+    world = world or World()
     model = Transformer.from_pretrained(
         config.model,
         dtype=torch.float32,
-        device=config.device,
+        device=world.device(config.device),
         quantize=config.quantize,
         group_size=config.group_size,
     )
@@ -80,6 +85,9 @@ def load_for_training(config: TrainConfig) -> Transformer:
         from mistral_nemo.train.qat import add_fake_quantization
 
         add_fake_quantization(model, config.qat, config.group_size, config.qat_activations)
+    if world.tp > 1:
+        assert world.mesh is not None
+        tensor_parallel(model, world.mesh["tp"], config.sequence_parallel)
     if config.activation_checkpointing:
         # The composable API adds hooks instead of wrapping modules, so parameter names
         # (and with them checkpoints and adapters) stay those of the plain model.
@@ -88,11 +96,38 @@ def load_for_training(config: TrainConfig) -> Transformer:
         for module in model.modules():
             if isinstance(module, Block):
                 checkpoint(module)
+    if world.dp > 1:
+        assert world.mesh is not None
+        _fully_shard(model, world.mesh["dp"], config)
     model.train()
     return model
 
 
+def _fully_shard(model: Transformer, mesh: DeviceMesh, config: TrainConfig) -> None:
+    """FSDP2: each block's parameters (and the rest, at the root) sharded over the data-
+    parallel ranks, gathered for its forward and backward only. Under bf16 they are gathered
+    in bf16 (half the traffic) while gradients are reduced in fp32."""
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        OffloadPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
+
+    bf16 = config.precision == "bf16"
+    policy = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32
+    )
+    offload = CPUOffloadPolicy() if config.cpu_offload else OffloadPolicy()
+    for block in model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=policy, offload_policy=offload)
+    fully_shard(model, mesh=mesh, mp_policy=policy, offload_policy=offload)
+    register_fsdp_forward_method(model, "hidden")  # the loss takes hidden states, not logits
+
+
 def training_data(config: TrainConfig, progress: bool = False) -> TrainData:
+    """The run's batch stream, the same in every process (each takes its share)."""
     from mistral_nemo.train.data import pretraining_data
     from mistral_nemo.train.sft import sft_data
 
@@ -112,9 +147,11 @@ def training_data(config: TrainConfig, progress: bool = False) -> TrainData:
     )
 
 
-def micro_batch_loss(model: Transformer, batch: Batch, config: TrainConfig) -> torch.Tensor:
+def micro_batch_loss(
+    model: Transformer, batch: Batch, config: TrainConfig, device: torch.device | None = None
+) -> torch.Tensor:
     """The summed cross-entropy of the batch's trained tokens."""
-    device = torch.device(config.device)
+    device = device or torch.device(config.device)
     batch = batch.to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
     with autocast:
@@ -149,14 +186,19 @@ class _StopRequest:
 
 
 def train(config: TrainConfig, progress: bool = True) -> TrainResult:
-    """Run (or resume) the training `config` describes; see `TrainConfig`."""
+    """Run (or resume) the training `config` describes; see `TrainConfig`. Under torchrun
+    every process calls this; the main one logs and writes the results."""
     config.check()
+    world = init_world(config.tp, config.device)
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(config.to_yaml())
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(config.to_yaml())
+    progress = progress and world.is_main
     torch.manual_seed(config.seed)
-    model = load_for_training(config)
-    data = training_data(config, progress)
+    model = load_for_training(config, world)
+    with world.main_first():  # it tokenizes and caches the corpora once for all
+        data = training_data(config, progress)
     optimizer = build_optimizer(model, config)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
@@ -166,41 +208,46 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         state = load_state(checkpoints[-1], model, optimizer)
         data.load_state_dict(state.data)
         set_rng_state(state.rng)
-        tqdm.write(f"resuming from {checkpoints[-1]} (step {state.step})")
-    log = MetricsLog(out, config.tensorboard, state.step)
+        if progress:
+            tqdm.write(f"resuming from {checkpoints[-1]} (step {state.step})")
+    log = MetricsLog(out, config.tensorboard, state.step) if world.is_main else None
     batches = data.batches()
-    device = torch.device(config.device)
+    device = world.device(config.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     def checkpoint_now() -> None:
         state.data, state.rng = data.state_dict(), rng_state()
-        save_state(out / "checkpoints", model, optimizer, state, config.keep_checkpoints)
+        save_state(out / "checkpoints", model, optimizer, state, config.keep_checkpoints, world)
 
     stop = _StopRequest()
     bar = tqdm(
         total=config.steps, initial=state.step, desc="training", unit="step", disable=not progress
     )
     with stop.installed():
-        while state.step < config.steps and not stop.requested:
+        while state.step < config.steps and not world.any(stop.requested):
             started = time.perf_counter()
             lr = config.lr * lr_factor(state.step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            micro = [next(batches) for _ in range(config.grad_accum)]
+            # Every process draws the global batch; each data-parallel rank trains its share.
+            micro = [next(batches) for _ in range(config.grad_accum * world.dp)]
             trained = sum(b.trained_tokens for b in micro)
             total = 0.0
-            for batch in micro:
-                loss = micro_batch_loss(model, batch, config) / max(trained, 1)
-                loss.backward()
+            for batch in micro[world.dp_rank :: world.dp]:
+                loss = micro_batch_loss(model, batch, config, device) / max(trained, 1)
+                # FSDP averages gradients over the data-parallel ranks; the loss is already
+                # divided by the global batch's trained tokens, so they must add up.
+                (loss * world.dp).backward()
                 total += loss.item()
+            total = world.sum(total)
             grad_norm = _clip(trainable, config.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             bar.update()
             bar.set_postfix(loss=f"{total:.4f}")
-            if state.step % config.log_every == 0 or state.step == config.steps:
+            if log and (state.step % config.log_every == 0 or state.step == config.steps):
                 log.write(
                     {
                         "step": state.step,
@@ -214,40 +261,73 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
                 )
             if config.save_every and state.step % config.save_every == 0:
                 checkpoint_now()
-        if stop.requested:
+        interrupted = world.any(stop.requested)
+        if interrupted:
             checkpoint_now()
     bar.close()
-    log.close()
-    if config.plot:
-        plot_loss(log.path, out / "loss.png")
-    if stop.requested:
+    if log:
+        log.close()
+        if config.plot:
+            plot_loss(log.path, out / "loss.png")
+    if interrupted:
         return TrainResult(state.step, out / "checkpoints", interrupted=True)
-    return TrainResult(state.step, save_result(model, config, out), interrupted=False)
+    return TrainResult(state.step, save_result(model, config, out, world), interrupted=False)
 
 
 def _clip(params: list[nn.Parameter], max_norm: float) -> float:
+    """Scale the gradients to a global norm of at most `max_norm` (0: leave them); return
+    the norm before. Sharded gradients (DTensors) count whole: their norms are reduced."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    norms = [full_tensor(torch.linalg.vector_norm(g, dtype=torch.float32)) for g in grads]
+    total = torch.linalg.vector_norm(torch.stack(norms))
     if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    norms = [p.grad.norm() for p in params if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+        scale = float((max_norm / (total + 1e-6)).clamp(max=1.0))
+        for g in grads:
+            g.mul_(scale)
+    return float(total)
 
 
-def save_result(model: Transformer, config: TrainConfig, out: Path) -> Path:
+def save_result(
+    model: Transformer, config: TrainConfig, out: Path, world: World | None = None
+) -> Path:
     """The trained model as a normal checkpoint in the source's dtype (fp32 after QAT: the
     quantizer must see the weights training rounded) with its tokenizer files beside it,
-    or the LoRA adapter in PEFT's format."""
+    or the LoRA adapter in PEFT's format. A sharded model's trained tensors are gathered
+    to the main process, which writes them."""
+    world = world or World()
+    tensors = None
+    if world.distributed:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(
+            full_state_dict=True, cpu_offload=True, ignore_frozen_params=True
+        )
+        tensors = cast(dict[str, torch.Tensor], get_model_state_dict(model, options=options))
+    target = out / ("adapter" if config.lora_rank else "model")
+    if world.is_main:
+        _write_result(model, tensors, config, target)
+    world.barrier()
+    return target
+
+
+def _write_result(
+    model: Transformer, tensors: dict[str, torch.Tensor] | None, config: TrainConfig, target: Path
+) -> None:
     if config.lora_rank:
         from mistral_nemo.train.lora import save_adapter
 
-        target = out / "adapter"
-        save_adapter(model, target, base_model=config.model)
-        return target
+        save_adapter(model, target, base_model=config.model, tensors=tensors)
+        return
     source = open_checkpoint(config.model)
-    target = out / "model"
     if target.exists():  # a finished run started again: its result is rewritten
         shutil.rmtree(target)
-    dtype = torch.float32 if config.qat else source.dtype
-    model.save_pretrained(
-        target, layout=config.layout, dtype=dtype, extra_files=source.companion_files()
+    save_model(
+        model,
+        target,
+        layout=config.layout,
+        dtype=torch.float32 if config.qat else source.dtype,
+        extra_files=source.companion_files(),
+        state=tensors,
     )
-    return target
