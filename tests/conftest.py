@@ -89,3 +89,8 @@ def train_values(model: Path, out: Path, corpus: Path, **overrides: object) -> d
         "cache_dir": str(out.parent / "token-cache"),
         **overrides,
     }
+
+
+def logged_losses(run: Path) -> list[float]:
+    """The losses a training run logged to `run/log.jsonl`, step by step."""
+    return [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import train_settings, train_values
+from conftest import logged_losses, train_settings, train_values
 
 from mistral_nemo import Transformer
 from mistral_nemo.cli import main
@@ -41,10 +41,6 @@ def launch(processes: int, config_settings: dict[str, object]) -> None:
     torchrun(processes, "mistral_nemo.train", *settings)
 
 
-def losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
-
-
 def weights(path: Path) -> dict[str, torch.Tensor]:
     return Transformer.from_pretrained(path).state_dict()
 
@@ -70,7 +66,7 @@ def test_fsdp_two_processes_reproduce_one(
     """Each of 2 FSDP2 ranks trains one of the two micro-batches: the same global batch, so
     the same losses (fp32: up to the order of the gradient sums) and the same model."""
     launch(2, train_values(tiny_hf, tmp_path, corpus, steps=20))
-    torch.testing.assert_close(losses(tmp_path), losses(single), rtol=1e-5, atol=0)
+    torch.testing.assert_close(logged_losses(tmp_path), logged_losses(single), rtol=1e-5, atol=0)
     assert_same_weights(tmp_path / "model", single / "model", atol=1e-5)
 
 
@@ -81,7 +77,9 @@ def test_fsdp_bf16_mixed_precision_stays_close(tiny_hf: Path, corpus: Path, tmp_
     train(train_settings(tiny_hf, reference, corpus, steps=20, grad_accum=2, precision="bf16"),
           progress=False)  # fmt: skip
     launch(2, train_values(tiny_hf, tmp_path / "fsdp", corpus, steps=20, precision="bf16"))
-    torch.testing.assert_close(losses(tmp_path / "fsdp"), losses(reference), rtol=5e-3, atol=0)
+    torch.testing.assert_close(
+        logged_losses(tmp_path / "fsdp"), logged_losses(reference), rtol=5e-3, atol=0
+    )
 
 
 def test_checkpoints_reshard_between_process_counts(
@@ -99,8 +97,8 @@ def test_checkpoints_reshard_between_process_counts(
     (back / "checkpoints").mkdir(parents=True)
     shutil.copytree(one / "checkpoints/step_000015", back / "checkpoints/step_000015")
     launch(2, train_values(tiny_hf, back, corpus, steps=20))
-    torch.testing.assert_close(losses(one), losses(single)[5:], rtol=1e-5, atol=0)
-    torch.testing.assert_close(losses(back), losses(single)[15:], rtol=1e-5, atol=0)
+    torch.testing.assert_close(logged_losses(one), logged_losses(single)[5:], rtol=1e-5, atol=0)
+    torch.testing.assert_close(logged_losses(back), logged_losses(single)[15:], rtol=1e-5, atol=0)
     assert_same_weights(back / "model", single / "model", atol=1e-5)
 
 
@@ -115,7 +113,7 @@ def test_tensor_parallel_training_matches(
     run = train_values(tiny_hf, tmp_path, corpus, steps=20, grad_accum=2, tp=2,
                        sequence_parallel=sequence_parallel)  # fmt: skip
     launch(2, run)
-    torch.testing.assert_close(losses(tmp_path), losses(single), rtol=1e-5, atol=0)
+    torch.testing.assert_close(logged_losses(tmp_path), logged_losses(single), rtol=1e-5, atol=0)
     assert_same_weights(tmp_path / "model", single / "model", atol=1e-4)
 
 
@@ -124,7 +122,7 @@ def test_fsdp_and_tensor_parallel_as_a_2d_mesh(
 ) -> None:
     """4 processes: 2 data-parallel groups (FSDP2) of 2 tensor-parallel ranks."""
     launch(4, train_values(tiny_hf, tmp_path, corpus, steps=20, tp=2, sequence_parallel=True))
-    torch.testing.assert_close(losses(tmp_path), losses(single), rtol=1e-5, atol=0)
+    torch.testing.assert_close(logged_losses(tmp_path), logged_losses(single), rtol=1e-5, atol=0)
 
 
 def test_lora_under_fsdp_saves_the_single_process_adapter(

@@ -2,7 +2,7 @@ import pytest
 
 from mistral_nemo import InvalidRequestError, ModelConfig
 from mistral_nemo.cli import main
-from mistral_nemo.planner import parse_bytes, plan_memory
+from mistral_nemo.planner import parse_bytes, plan_memory, plan_training
 
 GIB = 2**30
 NEMO = ModelConfig.preset("nemo-12b")
@@ -66,3 +66,36 @@ def test_bad_sizes():
         parse_bytes("lots")
     with pytest.raises(InvalidRequestError, match="unknown weight format"):
         plan_memory(NEMO, 10, weights="int3")
+
+
+def test_full_fine_tuning_takes_16_bytes_a_parameter_split_over_the_ranks():
+    one = plan_training(NEMO, 4096)
+    params = NEMO.num_parameters()
+    assert one.weights + one.gradients + one.optimizer == pytest.approx(16 * params, rel=1e-6)
+    eight = plan_training(NEMO, 4096, dp=8)
+    assert eight.optimizer == one.optimizer // 8 and eight.gathered > 0
+    assert eight.activations == one.activations  # data parallelism does not split a batch
+    both = plan_training(NEMO, 4096, dp=4, tp=2)
+    assert both.weights == eight.weights and both.activations < one.activations
+
+
+def test_checkpointing_and_sequence_parallel_cut_activations():
+    plain = plan_training(NEMO, 4096).activations
+    checkpointed = plan_training(NEMO, 4096, activation_checkpointing=True).activations
+    assert checkpointed < plain / 5
+    tp = plan_training(NEMO, 4096, tp=2).activations
+    sp = plan_training(NEMO, 4096, tp=2, sequence_parallel=True).activations
+    assert sp < tp < plain
+
+
+def test_qlora_of_nemo_fits_a_24_gib_gpu():
+    plan = plan_training(NEMO, 4096, lora_rank=16, base="int4", activation_checkpointing=True)
+    assert plan.fits(24 * GIB) and plan.optimizer < GIB
+    assert not plan_training(NEMO, 4096, dp=8).fits(24 * GIB)
+
+
+def test_cli_plans_training(capsys):
+    args = ["plan", "--train", "--context", "4096", "--dp", "8", "--memory", "80GiB"]
+    assert main([*args, "--activation-checkpointing"]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer" in out and "gathered" in out and "fits in 80.0 GiB" in out

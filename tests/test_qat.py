@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import train_settings
+from conftest import logged_losses, train_settings
 
 from mistral_nemo import Transformer
 from mistral_nemo.cli import main
@@ -46,10 +46,7 @@ def test_int4_qat_learns_through_the_rounding(tiny_hf: Path, corpus: Path, tmp_p
     loss of the rounded model falls."""
     config = train_settings(tiny_hf, tmp_path, corpus, steps=8, qat="int4", group_size=32)
     train(config, progress=False)
-    losses = [
-        float(line.split('"loss": ')[1].split(",")[0])
-        for line in (tmp_path / "log.jsonl").read_text().splitlines()
-    ]
+    losses = logged_losses(tmp_path)
     assert losses[-1] < losses[0] - 0.5
 
 
@@ -95,3 +92,29 @@ def test_tied_head_is_left_in_full_precision(tmp_path: Path) -> None:
     assert type(model.output) is torch.nn.Linear
     assert model.output.weight is model.tok_embeddings.weight
     assert isinstance(model.layers[0].attention.wq, FakeQuantLinear)
+
+
+@pytest.mark.parametrize("scheme", ["fp8", "fp8-channel"])
+def test_torchao_float8_training_learns_and_saves_a_normal_checkpoint(
+    tiny_hf: Path, corpus: Path, tmp_path: Path, scheme: str
+) -> None:
+    """torchao's float8 training (FP8 matmuls in forward and backward; CPU runs them too):
+    the loss falls, the parameters keep their names, and the result quantizes as usual."""
+    pytest.importorskip("torchao.float8")
+    from torchao.float8.float8_linear import Float8Linear
+
+    from mistral_nemo.train.trainer import load_for_training
+
+    config = train_settings(tiny_hf, tmp_path, corpus, steps=8, qat=scheme, qat_backend="torchao",
+                            precision="bf16")  # fmt: skip
+    model = load_for_training(config)
+    assert isinstance(model.layers[0].feed_forward.w1, Float8Linear)
+    assert type(model.output) is torch.nn.Linear
+    plain = Transformer.from_pretrained(tiny_hf)
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    result = train(config, progress=False)
+    losses = logged_losses(tmp_path)
+    assert losses[-1] < losses[0] - 0.5
+    assert main(["quantize", str(result.output), str(tmp_path / "q"), "--scheme", scheme]) == 0
+    with pytest.raises(ConfigError, match="set qat=fp8"):
+        train_settings(tiny_hf, tmp_path, corpus, qat="int4", qat_backend="torchao")

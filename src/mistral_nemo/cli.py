@@ -154,12 +154,41 @@ def cmd_plan(args: argparse.Namespace) -> None:
     from mistral_nemo.planner import format_plan, parse_bytes, plan_memory
 
     config = ModelConfig.from_dir(args.model) if args.model else ModelConfig.preset(args.preset)
+    capacity = parse_bytes(args.memory) if args.memory else None
+    if args.train:
+        _plan_training(args, config, capacity)
+        return
     plan = plan_memory(config, args.context, args.batch, args.weights, args.kv, args.chunk)
     print(
         f"{args.model or args.preset}: {config.num_parameters() / 1e9:.2f} B parameters, "
         f"context {args.context} x batch {args.batch}, weights {args.weights}, KV {args.kv}"
     )
-    print(format_plan(plan, parse_bytes(args.memory) if args.memory else None))
+    print(format_plan(plan, capacity))
+
+
+def _plan_training(args: argparse.Namespace, config: ModelConfig, capacity: int | None) -> None:
+    from mistral_nemo.planner import format_training_plan, plan_training
+
+    # Training loads the base in fp32, or quantized (QLoRA) as --weights says.
+    base = args.weights if args.weights in ("fp8", "int8", "int4") else "fp32"
+    plan = plan_training(
+        config,
+        args.context,
+        args.batch,
+        args.dp,
+        args.tp,
+        args.lora_rank,
+        base,
+        args.activation_checkpointing,
+        args.sequence_parallel,
+    )
+    what = f"LoRA r{args.lora_rank}, {base} base" if args.lora_rank else "full fine-tuning"
+    print(
+        f"{args.model or args.preset}: {config.num_parameters() / 1e9:.2f} B parameters, "
+        f"{what}, micro-batch {args.batch} x {args.context} tokens, dp {args.dp} x tp {args.tp}"
+        + (", activation checkpointing" if args.activation_checkpointing else "")
+    )
+    print(format_training_plan(plan, capacity))
 
 
 def _load_llm(args: argparse.Namespace, **engine: Any) -> LLM:
@@ -449,6 +478,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv", choices=["fp32", "bf16", "fp16", "fp8"], default="bf16")
     p.add_argument("--chunk", type=int, default=2048, help="prefill chunk size")
     p.add_argument("--memory", help="capacity to check against, e.g. 24GiB or 80GB")
+    p.add_argument(
+        "--train",
+        action="store_true",
+        help="memory per process of training (--context tokens x --batch sequences a "
+        "micro-batch): weights, gradients, AdamW, FSDP's gathered layers, activations",
+    )
+    p.add_argument("--dp", type=int, default=1, help="--train: data-parallel (FSDP2) ranks")
+    p.add_argument("--tp", type=int, default=1, help="--train: tensor-parallel ranks")
+    p.add_argument("--sequence-parallel", action="store_true", help="--train: with --tp")
+    p.add_argument("--activation-checkpointing", action="store_true", help="--train")
+    p.add_argument(
+        "--lora-rank", type=int, default=0, help="--train: LoRA over a frozen base (--weights)"
+    )
     p.set_defaults(func=cmd_plan)
 
     p = verbs.add_parser("quantize", help="write a quantized copy of a checkpoint")

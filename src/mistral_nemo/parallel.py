@@ -189,6 +189,31 @@ def tensor_parallel(model: nn.Module, mesh: DeviceMesh, sequence_parallel: bool 
         model.output.weight = model.tok_embeddings.weight  # type: ignore[union-attr]
 
 
+def fully_shard_model(
+    model: nn.Module, mesh: DeviceMesh, bf16: bool = True, cpu_offload: bool = False
+) -> None:
+    """FSDP2 over `mesh` (the "dp" mesh), in place: each block's parameters (and the rest, at
+    the root) sharded over the ranks and gathered for its forward and backward only. With
+    `bf16` they are gathered in bf16 (half the traffic) while gradients are reduced in fp32;
+    `cpu_offload` keeps the shards and their optimizer state in host memory (GPU training)."""
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        OffloadPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
+
+    policy = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32
+    )
+    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    for block in model.layers:  # type: ignore[union-attr]
+        fully_shard(block, mesh=mesh, mp_policy=policy, offload_policy=offload)
+    fully_shard(model, mesh=mesh, mp_policy=policy, offload_policy=offload)
+    register_fsdp_forward_method(model, "hidden")  # the loss takes hidden states, not logits
+
+
 def local_config(config: ModelConfig, tp: int) -> ModelConfig:
     """The shapes one tensor-parallel rank computes with: its share of the heads (for the
     KV cache of tensor-parallel generation)."""

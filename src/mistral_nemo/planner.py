@@ -93,9 +93,113 @@ def format_plan(plan: MemoryPlan, capacity: int | None = None) -> str:
         f"total        {plan.total / gib:8.2f} GiB",
     ]
     if capacity is not None:
-        margin = abs(capacity - plan.total) / gib
-        if plan.fits(capacity):
-            lines.append(f"fits in {capacity / gib:.1f} GiB ({margin:.2f} GiB to spare)")
-        else:
-            lines.append(f"does NOT fit in {capacity / gib:.1f} GiB ({margin:.2f} GiB short)")
+        lines.append(_fit_line(plan.total, capacity))
+    return "\n".join(lines)
+
+
+def _fit_line(total: int, capacity: int) -> str:
+    gib = 2**30
+    margin = abs(capacity - total) / gib
+    if total <= capacity:
+        return f"fits in {capacity / gib:.1f} GiB ({margin:.2f} GiB to spare)"
+    return f"does NOT fit in {capacity / gib:.1f} GiB ({margin:.2f} GiB short)"
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """Bytes per process of a training run (bf16 autocast over fp32 master weights, AdamW)."""
+
+    weights: int  # this rank's shard of the master weights (or of a frozen LoRA base)
+    gradients: int
+    optimizer: int  # AdamW's two moments
+    gathered: int  # parameters FSDP gathers whole for the layers being computed
+    activations: int  # what one micro-batch keeps for backward, and the loss's chunk
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.gathered + self.activations
+
+    def fits(self, capacity: int) -> bool:
+        return self.total <= capacity
+
+
+# Logits of one chunk of the chunked loss (train/loss.py) and their transient bytes each.
+LOSS_CHUNK_LOGITS, LOSS_BYTES_PER_LOGIT = 1 << 25, 14
+
+
+def plan_training(
+    config: ModelConfig,
+    seq_len: int,
+    micro_batch: int = 1,
+    dp: int = 1,
+    tp: int = 1,
+    lora_rank: int = 0,
+    base: str = "fp32",
+    activation_checkpointing: bool = False,
+    sequence_parallel: bool = False,
+    precision: str = "bf16",
+) -> TrainingPlan:
+    """Memory per process when training `config` on `dp` x `tp` processes (FSDP2 over dp,
+    tensor parallel over tp) with micro-batches of `micro_batch` x `seq_len` tokens, as
+    train/trainer.py runs it. Full fine-tuning keeps fp32 weights, gradients and two AdamW
+    moments: 16 bytes a parameter, split over all dp x tp ranks. LoRA adapts all seven
+    projections at `lora_rank` over a frozen base in `base`: fp32 (sharded like the rest),
+    or quantized for QLoRA (fp8, int8, int4: buffers, which FSDP does not shard)."""
+    if seq_len < 1 or micro_batch < 1 or dp < 1 or tp < 1:
+        raise InvalidRequestError("seq_len, micro_batch, dp and tp must be positive")
+    if base not in WEIGHT_BYTES:
+        known = ", ".join(WEIGHT_BYTES)
+        raise InvalidRequestError(f"unknown base format {base!r}; choose from {known}")
+    c, shards = config, dp * tp
+    act = 2 if precision == "bf16" else 4  # bytes of an activation
+    q, kv, d, f = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.dim, c.hidden_dim
+    params = c.num_parameters()
+    block = d * (2 * q + 2 * kv) + 3 * d * f
+    if lora_rank:
+        # A [rank, in] and B [out, rank] beside wq, wk, wv, wo, w1, w2, w3.
+        trained = c.n_layers * lora_rank * (7 * d + 2 * q + 2 * kv + 3 * f)
+        frozen = plan_memory(c, 1, weights=base).weights
+        weights = frozen // (shards if base == "fp32" else tp) + 4 * trained // shards
+    else:
+        trained = params
+        weights = 4 * params // shards
+    gathered = 0
+    if dp > 1:
+        # Two blocks whole in the compute dtype (the one computed and the next, prefetched)
+        # and one block's fp32 gradients before their reduce-scatter; the embeddings and
+        # head stay gathered from forward to backward.
+        root = params - c.n_layers * (block + 2 * d)
+        gathered = (2 * block * act + (0 if lora_rank else 4 * block) + root * act) // tp
+    # Saved for backward per token and layer under autocast. Whole on every tensor-parallel
+    # rank unless sequence parallel: the fp32 residual and both norms' fp32 inputs and
+    # outputs, their outputs in `act` bytes. Split by heads and FFN width: q, k, v and the
+    # attention output (twice: SDPA's and wo's input), RoPE's fp32 copies of q and k, the
+    # three SwiGLU intermediates and the down projection's input.
+    residual = 16 * d + 2 * act * d
+    split = act * (q + 2 * kv) + 4 * (q + kv) + 2 * act * q + 4 * act * f
+    per_token = residual // (tp if sequence_parallel else 1) + split // tp
+    tokens = micro_batch * seq_len
+    if activation_checkpointing:  # each block's fp32 input kept, one block recomputed
+        saved = tokens * (c.n_layers * 4 * d // (tp if sequence_parallel else 1) + per_token)
+    else:
+        saved = tokens * c.n_layers * per_token
+    chunk = min(tokens, max(1, LOSS_CHUNK_LOGITS // c.vocab_size)) * c.vocab_size
+    activations = saved + chunk * LOSS_BYTES_PER_LOGIT + tokens * d * 4  # + hidden's gradient
+    return TrainingPlan(
+        weights, 4 * trained // shards, 8 * trained // shards, gathered, activations
+    )
+
+
+def format_training_plan(plan: TrainingPlan, capacity: int | None = None) -> str:
+    gib = 2**30
+    lines = [
+        f"weights      {plan.weights / gib:8.2f} GiB",
+        f"gradients    {plan.gradients / gib:8.2f} GiB",
+        f"optimizer    {plan.optimizer / gib:8.2f} GiB",
+        f"gathered     {plan.gathered / gib:8.2f} GiB",
+        f"activations  {plan.activations / gib:8.2f} GiB",
+        f"total        {plan.total / gib:8.2f} GiB per process",
+    ]
+    if capacity is not None:
+        lines.append(_fit_line(plan.total, capacity))
     return "\n".join(lines)

@@ -59,6 +59,10 @@ class TrainConfig:
     # the result is saved in fp32 so that quantizing it reproduces the training numbers.
     qat: str | None = None  # fp8, fp8-channel, int8, int4 (with group_size)
     qat_activations: bool = False  # also round layer inputs to FP8 (as FP8 GPU matmuls do)
+    # "simulate": the fake quantization above, any device. "torchao" (qat=fp8 per tensor or
+    # fp8-channel per row): torchao's float8 training, real FP8 matmuls (weights, inputs
+    # and gradients, dynamic scales) where the hardware has them (H100 and later).
+    qat_backend: str = "simulate"
     # Scale-out under torchrun (parallel.py): the processes form a (data, tensor) mesh of
     # (world / tp) x tp. Data-parallel ranks shard the model with FSDP2, each taking its share
     # of the micro-batches (the global batch is batch_size x grad_accum x world / tp);
@@ -91,6 +95,7 @@ class TrainConfig:
             "precision": ("bf16", "fp32"),
             "bad_lines": ("skip", "error"),
             "layout": ("hf", "mistral"),
+            "qat_backend": ("simulate", "torchao"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -107,12 +112,16 @@ class TrainConfig:
             check_scheme(self.qat, self.group_size)
             if self.lora_rank:
                 raise ConfigError("qat= trains every weight: unset lora_rank")
+        if self.lora_rank and self.tp > 1:
+            raise ConfigError("tensor parallelism splits full weights, not LoRA: use tp=1 (FSDP)")
         if self.qat and self.tp > 1:
             raise ConfigError("qat= rounds whole weights (one scale per tensor): use tp=1")
         if self.sequence_parallel and self.seq_len % self.tp:
             raise ConfigError(f"sequence_parallel splits seq_len={self.seq_len} over tp={self.tp}")
         if self.cpu_offload and not self.device.startswith("cuda"):
             raise ConfigError("cpu_offload keeps GPU training's shards in host memory: device=cuda")
+        if self.qat_backend == "torchao" and self.qat not in ("fp8", "fp8-channel"):
+            raise ConfigError("qat_backend=torchao trains in FP8: set qat=fp8 or fp8-channel")
         if self.qat_activations and not (self.qat or "").startswith("fp8"):
             raise ConfigError("qat_activations rounds inputs to FP8: set qat=fp8 or fp8-channel")
 

@@ -12,6 +12,11 @@ A tied LM head stays in full precision: it is the embedding table, which the qua
 checkpoint keeps unquantized. With `activations` (FP8 only), each layer's input is also
 rounded to E4M3 with one dynamic scale per tensor, as the FP8 matmul on GPUs
 (`Fp8Linear._scaled_mm`) rounds it; the CPU kernels keep activations in full precision.
+
+`use_float8_training` is the other way to train for FP8: torchao's float8 training, whose
+matmuls run in FP8 (inputs, weights and output gradients cast with dynamic scales) where
+the hardware has FP8 units. It is about speed on such GPUs; its rounding is torchao's
+(scales as 448 / amax), close to but not bit-equal with the quantizer's.
 """
 
 from __future__ import annotations
@@ -83,4 +88,17 @@ def add_fake_quantization(
         parent, _, attr = name.rpartition(".")
         layer = FakeQuantLinear(module, layer_scheme(name, scheme), group_size, activations)
         setattr(model.get_submodule(parent), attr, layer)
+    return model
+
+
+def use_float8_training(model: Transformer, per_row: bool = False) -> Transformer:
+    """torchao's float8 training on every linear layer of the blocks, in place: per-tensor
+    scales, or per row (`per_row`, torchao's "rowwise" recipe). The LM head stays in full
+    precision, as torchao advises. Returns `model`."""
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError:
+        raise ConfigError("qat_backend=torchao needs torchao: pip install torchao") from None
+    recipe = Float8LinearConfig.from_recipe_name("rowwise" if per_row else "tensorwise")
+    convert_to_float8_training(model, config=recipe, module_filter_fn=lambda _, n: n != "output")
     return model

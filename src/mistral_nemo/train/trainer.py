@@ -22,13 +22,18 @@ from typing import cast
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
 from tqdm import tqdm
 
 from mistral_nemo.checkpoint.reading import open_checkpoint
 from mistral_nemo.checkpoint.writing import save_model
 from mistral_nemo.model import Block, Transformer
-from mistral_nemo.parallel import World, full_tensor, init_world, tensor_parallel
+from mistral_nemo.parallel import (
+    World,
+    full_tensor,
+    fully_shard_model,
+    init_world,
+    tensor_parallel,
+)
 from mistral_nemo.tokenizer import load_tokenizer
 from mistral_nemo.train.config import TrainConfig
 from mistral_nemo.train.loss import head_cross_entropy
@@ -81,7 +86,11 @@ def load_for_training(config: TrainConfig, world: World | None = None) -> Transf
                 target_modules=tuple(config.lora_targets),
             ),
         )
-    if config.qat:
+    if config.qat and config.qat_backend == "torchao":
+        from mistral_nemo.train.qat import use_float8_training
+
+        use_float8_training(model, per_row=config.qat == "fp8-channel")
+    elif config.qat:
         from mistral_nemo.train.qat import add_fake_quantization
 
         add_fake_quantization(model, config.qat, config.group_size, config.qat_activations)
@@ -98,32 +107,9 @@ def load_for_training(config: TrainConfig, world: World | None = None) -> Transf
                 checkpoint(module)
     if world.dp > 1:
         assert world.mesh is not None
-        _fully_shard(model, world.mesh["dp"], config)
+        fully_shard_model(model, world.mesh["dp"], config.precision == "bf16", config.cpu_offload)
     model.train()
     return model
-
-
-def _fully_shard(model: Transformer, mesh: DeviceMesh, config: TrainConfig) -> None:
-    """FSDP2: each block's parameters (and the rest, at the root) sharded over the data-
-    parallel ranks, gathered for its forward and backward only. Under bf16 they are gathered
-    in bf16 (half the traffic) while gradients are reduced in fp32."""
-    from torch.distributed.fsdp import (
-        CPUOffloadPolicy,
-        MixedPrecisionPolicy,
-        OffloadPolicy,
-        fully_shard,
-        register_fsdp_forward_method,
-    )
-
-    bf16 = config.precision == "bf16"
-    policy = MixedPrecisionPolicy(
-        param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32
-    )
-    offload = CPUOffloadPolicy() if config.cpu_offload else OffloadPolicy()
-    for block in model.layers:
-        fully_shard(block, mesh=mesh, mp_policy=policy, offload_policy=offload)
-    fully_shard(model, mesh=mesh, mp_policy=policy, offload_policy=offload)
-    register_fsdp_forward_method(model, "hidden")  # the loss takes hidden states, not logits
 
 
 def training_data(config: TrainConfig, progress: bool = False) -> TrainData:
