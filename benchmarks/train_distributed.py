@@ -4,13 +4,16 @@ costs, and the planner's memory figure beside the measured peak.
     python benchmarks/train_distributed.py [--steps 8] [--seq-len 512] [--model PATH]
 
 Every run trains the same global batch (4 sequences of --seq-len tokens a step, bf16
-autocast, the demo model unless --model) with `mistral-nemo train`: one process with both
-cores, or two (torchrun, gloo) with one core each. Throughput is the mean of the steps after
-the first two. Communication: the bytes FSDP2 moves a step (parameters gathered for forward
-and again for backward in bf16, gradients reduce-scattered in fp32) and what gloo takes to
-move them, timed alone in the same two processes. Memory: the main process's peak resident
-set beside `planner.plan_training` for the run (which counts tensors only: the measured
-peak adds the Python runtime and libraries, ~0.4 GiB here).
+autocast) with `mistral-nemo train`: one process with both cores, or two (torchrun, gloo)
+with one core each. The model is random, of NeMo's shape family at 0.16 B parameters
+(GQA 8/2 heads of 128, a 131k vocabulary) since the demo model's 9 heads do not split in
+two; --model PATH trains another (tensor parallel only where its heads split).
+Throughput is the mean of the steps after the first two. Communication: the bytes FSDP2
+moves a step (parameters gathered for forward and again for backward in bf16, gradients
+reduce-scattered in fp32) and what gloo takes to move them, timed alone in the same two
+processes. Memory: the main process's peak resident set beside `planner.plan_training` for
+the run (which counts tensors only: the measured peak adds the Python runtime and
+libraries).
 """
 
 from __future__ import annotations
@@ -27,11 +30,17 @@ from pathlib import Path
 import torch
 from common import save, table
 
+from mistral_nemo import ModelConfig
 from mistral_nemo.checkpoint import open_checkpoint
-from mistral_nemo.demo import demo_model_path
+from mistral_nemo.checkpoint.random_init import init_random
 from mistral_nemo.eval.perplexity import CORPUS
 from mistral_nemo.planner import plan_training
 
+# NeMo's shape family, small: GQA 4:1, head_dim 128 (not dim / heads), the 131k vocabulary.
+BENCH = ModelConfig(
+    dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=128, hidden_dim=1536,
+    vocab_size=131072, rope_theta=1e6, norm_eps=1e-5,
+)  # fmt: skip
 RUNS = {  # name: (processes, settings)
     "1 process": (1, {"batch_size": 2, "grad_accum": 2}),
     "FSDP2 x2": (2, {"batch_size": 2, "grad_accum": 1}),
@@ -116,30 +125,36 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    model = args.model or demo_model_path()
     if args.probe:
-        probe_communication(model)
+        probe_communication(args.model)
         return
     rows = []
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
+        model = args.model or tmp / "model"
+        if args.model is None:
+            init_random(model, BENCH, "hf", dtype=torch.float32)
+        config = open_checkpoint(model).config
         data = tmp / "train.txt"
         data.write_text(CORPUS.read_text())
-        for name in RUNS:
+        for name, (_, settings) in RUNS.items():
+            if settings.get("tp") and (config.n_heads % 2 or config.n_kv_heads % 2):
+                print(f"{name}: skipped, the model's heads do not split in two")
+                continue
             rows.append(train_run(name, model, data, tmp / name.replace(" ", "_"), args))
             print(table(rows[-1:], list(rows[-1])), flush=True)
-    probe = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         __file__, "--probe", "--model", str(model)],
-        check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+        probe = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+             __file__, "--probe", "--model", str(model)],
+            check=True, capture_output=True, text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
     comm = json.loads(probe.stdout.strip().splitlines()[-1])
     base = rows[0]["tokens/s"]
     for row in rows:
         row["vs 1 process"] = round(row["tokens/s"] / base, 2)
-    tokens_per_step = 4 * args.seq_len
     fsdp = next(r for r in rows if r["run"] == "FSDP2 x2")
-    step_s = tokens_per_step / fsdp["tokens/s"]
+    step_s = 4 * args.seq_len / fsdp["tokens/s"]
     print(table(rows, list(rows[0])))
     print(
         f"FSDP2 moves {comm['bytes'] / 2**20:.0f} MiB per process a step; gloo takes "

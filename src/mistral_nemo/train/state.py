@@ -12,9 +12,12 @@ saving never leaves a checkpoint that looks whole; older ones beyond `keep` are 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +64,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@contextlib.contextmanager
+def _single_process_quietly() -> Iterator[None]:
+    """DCP warns each time it runs without a process group, which one process is meant to."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        yield
+
+
 def _trained_state(
     model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -92,7 +103,9 @@ def save_state(
     world.barrier()
     try:
         model_state, optimizer_state = _trained_state(model, optimizer)
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
+        state_dict = {"model": model_state, "optimizer": optimizer_state}
+        with _single_process_quietly():
+            dcp.save(state_dict, checkpoint_id=tmp, no_dist=not world.distributed)
         if world.is_main:
             trainer = {"step": state.step, "data": state.data, "rng": state.rng}
             torch.save(trainer, tmp / "trainer.pt")
@@ -119,13 +132,17 @@ def saved_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.removeprefix(PREFIX)))
 
 
-def load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainingState:
+def load_state(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, world: World | None = None
+) -> TrainingState:
     """Restore the trained parameters and the optimizer in place (resharded to this run's
     processes); return the rest."""
+    world = world or World()
     model_state, optimizer_state = _trained_state(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
     try:
-        dcp.load(state, checkpoint_id=path)
+        with _single_process_quietly():
+            dcp.load(state, checkpoint_id=path, no_dist=not world.distributed)
         trainer = torch.load(path / "trainer.pt", weights_only=False)
     except (OSError, RuntimeError, ValueError) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -191,7 +191,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     state = TrainingState(step=0, data={}, rng={})
     checkpoints = saved_checkpoints(out / "checkpoints")
     if checkpoints:
-        state = load_state(checkpoints[-1], model, optimizer)
+        state = load_state(checkpoints[-1], model, optimizer, world)
         data.load_state_dict(state.data)
         set_rng_state(state.rng)
         if progress:
