@@ -73,7 +73,7 @@ def test_full_fine_tuning_takes_16_bytes_a_parameter_split_over_the_ranks():
     params = NEMO.num_parameters()
     assert one.weights + one.gradients + one.optimizer == pytest.approx(16 * params, rel=1e-6)
     eight = plan_training(NEMO, 4096, dp=8)
-    assert eight.optimizer == one.optimizer // 8 and eight.gathered > 0
+    assert eight.optimizer == one.optimizer // 8 and eight.working < one.working
     assert eight.activations == one.activations  # data parallelism does not split a batch
     both = plan_training(NEMO, 4096, dp=4, tp=2)
     assert both.weights == eight.weights and both.activations < one.activations
@@ -82,7 +82,7 @@ def test_full_fine_tuning_takes_16_bytes_a_parameter_split_over_the_ranks():
 def test_checkpointing_and_sequence_parallel_cut_activations():
     plain = plan_training(NEMO, 4096).activations
     checkpointed = plan_training(NEMO, 4096, activation_checkpointing=True).activations
-    assert checkpointed < plain / 5
+    assert checkpointed < plain / 4
     tp = plan_training(NEMO, 4096, tp=2).activations
     sp = plan_training(NEMO, 4096, tp=2, sequence_parallel=True).activations
     assert sp < tp < plain
@@ -98,4 +98,4 @@ def test_cli_plans_training(capsys):
     args = ["plan", "--train", "--context", "4096", "--dp", "8", "--memory", "80GiB"]
     assert main([*args, "--activation-checkpointing"]) == 0
     out = capsys.readouterr().out
-    assert "optimizer" in out and "gathered" in out and "fits in 80.0 GiB" in out
+    assert "optimizer" in out and "working" in out and "fits in 80.0 GiB" in out

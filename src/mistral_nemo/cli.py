@@ -482,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--train",
         action="store_true",
         help="memory per process of training (--context tokens x --batch sequences a "
-        "micro-batch): weights, gradients, AdamW, FSDP's gathered layers, activations",
+        "micro-batch): weights, gradients, AdamW, working copies, activations",
     )
     p.add_argument("--dp", type=int, default=1, help="--train: data-parallel (FSDP2) ranks")
     p.add_argument("--tp", type=int, default=1, help="--train: tensor-parallel ranks")

@@ -112,19 +112,17 @@ class TrainingPlan:
     weights: int  # this rank's shard of the master weights (or of a frozen LoRA base)
     gradients: int
     optimizer: int  # AdamW's two moments
-    gathered: int  # parameters FSDP gathers whole for the layers being computed
+    # Parameters in the compute dtype: under FSDP2 the blocks it gathers whole, otherwise
+    # autocast's bf16 copies, which backward keeps.
+    working: int
     activations: int  # what one micro-batch keeps for backward, and the loss's chunk
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.gathered + self.activations
+        return self.weights + self.gradients + self.optimizer + self.working + self.activations
 
     def fits(self, capacity: int) -> bool:
         return self.total <= capacity
-
-
-# Logits of one chunk of the chunked loss (train/loss.py) and their transient bytes each.
-LOSS_CHUNK_LOGITS, LOSS_BYTES_PER_LOGIT = 1 << 25, 14
 
 
 def plan_training(
@@ -163,13 +161,16 @@ def plan_training(
     else:
         trained = params
         weights = 4 * params // shards
-    gathered = 0
     if dp > 1:
         # Two blocks whole in the compute dtype (the one computed and the next, prefetched)
         # and one block's fp32 gradients before their reduce-scatter; the embeddings and
         # head stay gathered from forward to backward.
         root = params - c.n_layers * (block + 2 * d)
-        gathered = (2 * block * act + (0 if lora_rank else 4 * block) + root * act) // tp
+        working = (2 * block * act + (0 if lora_rank else 4 * block) + root * act) // tp
+    elif act == 2 and base == "fp32":
+        working = 2 * params // tp  # every fp32 weight's bf16 copy, kept for backward
+    else:
+        working = 0  # fp32 compute, or a quantized base dequantized tile by tile
     # Saved for backward per token and layer under autocast. Whole on every tensor-parallel
     # rank unless sequence parallel: the fp32 residual and both norms' fp32 inputs and
     # outputs, their outputs in `act` bytes. Split by heads and FFN width: q, k, v and the
@@ -183,11 +184,11 @@ def plan_training(
         saved = tokens * (c.n_layers * 4 * d // (tp if sequence_parallel else 1) + per_token)
     else:
         saved = tokens * c.n_layers * per_token
-    chunk = min(tokens, max(1, LOSS_CHUNK_LOGITS // c.vocab_size)) * c.vocab_size
-    activations = saved + chunk * LOSS_BYTES_PER_LOGIT + tokens * d * 4  # + hidden's gradient
-    return TrainingPlan(
-        weights, 4 * trained // shards, 8 * trained // shards, gathered, activations
-    )
+    from mistral_nemo.train.loss import BYTES_PER_LOGIT, chunk_rows
+
+    logits = min(tokens, chunk_rows(c.vocab_size, d, head_trains=not lora_rank)) * c.vocab_size
+    activations = saved + logits * BYTES_PER_LOGIT + tokens * d * 4  # + hidden's gradient
+    return TrainingPlan(weights, 4 * trained // shards, 8 * trained // shards, working, activations)
 
 
 def format_training_plan(plan: TrainingPlan, capacity: int | None = None) -> str:
@@ -196,7 +197,7 @@ def format_training_plan(plan: TrainingPlan, capacity: int | None = None) -> str
         f"weights      {plan.weights / gib:8.2f} GiB",
         f"gradients    {plan.gradients / gib:8.2f} GiB",
         f"optimizer    {plan.optimizer / gib:8.2f} GiB",
-        f"gathered     {plan.gathered / gib:8.2f} GiB",
+        f"working      {plan.working / gib:8.2f} GiB",
         f"activations  {plan.activations / gib:8.2f} GiB",
         f"total        {plan.total / gib:8.2f} GiB per process",
     ]

@@ -25,8 +25,12 @@ from mistral_nemo.train.packing import IGNORE
 # step's activations, while fewer, larger chunks run faster (each chunk is one more pass
 # over the head's weight). A trainable head adds the cost of accumulating its gradient,
 # as large as the weight, once per chunk: with at least as many rows as the model's width
-# a chunk's logits are at least the weight's size, so that never dominates.
+# a chunk's logits are at least the weight's size, so that never dominates. That raise is
+# capped at 4x the budget (~1.8 GB): NeMo's 5120-wide head would otherwise take a whole
+# 4k-token micro-batch at once (7.5 GB), where 1024 rows already make the accumulation a
+# fifth of the chunk's work.
 CHUNK_LOGITS = 1 << 25
+BYTES_PER_LOGIT = 14
 
 
 def head_cross_entropy(
@@ -37,10 +41,14 @@ def head_cross_entropy(
     and the head's trainable parameters. Runs under the caller's autocast."""
     params = [p for p in head.parameters() if p.requires_grad]
     hidden, labels = hidden.flatten(0, -2), labels.flatten()
-    rows = max(1, CHUNK_LOGITS // vocab_size)
-    if params:
-        rows = max(rows, hidden.shape[-1])
+    rows = chunk_rows(vocab_size, hidden.shape[-1], head_trains=bool(params))
     return _ChunkedHeadLoss.apply(head, rows, hidden, labels, *params)
+
+
+def chunk_rows(vocab_size: int, dim: int, head_trains: bool) -> int:
+    """Rows of hidden states per chunk; each takes ~BYTES_PER_LOGIT x vocab_size in flight."""
+    rows = max(1, CHUNK_LOGITS // vocab_size)
+    return max(rows, min(dim, 4 * rows)) if head_trains else rows
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
