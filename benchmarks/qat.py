@@ -17,8 +17,8 @@ Perplexity is `mistral-nemo eval perplexity`'s protocol on the held-out 5%.
 gap = ppl(quantized) / ppl(reference) - 1: both quantized models are measured against the
 same full-precision fine-tune (the QAT model's own unquantized perplexity is shown beside,
 but it is not what QAT optimizes). Goals (the QAT issue): FP8 gap after QAT under
-0.2%; int4 QAT closes at least half of the PTQ gap. Writes benchmarks/results/qat.json and
-qat.png.
+0.2%; int4 QAT closes at least half of the PTQ gap. Writes benchmarks/results/qat-MODELS.json
+and .png.
 """
 
 from __future__ import annotations
@@ -164,9 +164,10 @@ def main() -> None:
             base = pretrained_here(tmp, data, args) if name == "here" else demo_model_path()
             rows += compare(name, base, tmp, data, text[cut:], args)
     print(table(rows, list(rows[0])))
+    name = "qat-" + args.models.replace(",", "-")
     RESULTS.mkdir(exist_ok=True)
-    plot(rows, RESULTS / "qat.png")
-    save("qat", {"config": vars(args), "rows": rows})
+    plot(rows, RESULTS / f"{name}.png")
+    save(name, {"config": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":
