@@ -16,10 +16,13 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def package_modules() -> dict[str, Path]:
-    """Every module of the package by dotted name (a package by its own name)."""
+    """Every module of the package by dotted name (a package by its own name), short of the
+    `__main__` entry points, which run the command line when imported."""
     modules = {}
     for path in sorted((SRC / PACKAGE).rglob("*.py")):
         parts = path.relative_to(SRC).with_suffix("").parts
+        if parts[-1] == "__main__":
+            continue
         if parts[-1] == "__init__":
             parts = parts[:-1]
         modules[".".join(parts)] = path
