@@ -31,10 +31,11 @@ import torch
 from common import RESULTS, save, table
 
 from mistral_nemo import ModelConfig, Transformer
-from mistral_nemo.checkpoint import quantize_checkpoint
+from mistral_nemo.checkpoint import open_checkpoint, quantize_checkpoint
 from mistral_nemo.checkpoint.random_init import init_random
 from mistral_nemo.demo import demo_model_path
 from mistral_nemo.eval.perplexity import CORPUS, evaluate_perplexity
+from mistral_nemo.quant import int4_group_size
 from mistral_nemo.tokenizer import BaseTokenizer, load_tokenizer
 from mistral_nemo.train.config import TrainConfig
 from mistral_nemo.train.trainer import train
@@ -92,6 +93,7 @@ def compare(
     lr = args.lr_here if name == "here" else args.lr
     # The base's tokenizer: a checkpoint trained from a GGUF file has no tokenizer file.
     tokenizer = load_tokenizer(base)
+    group = int4_group_size(open_checkpoint(base).config.dim, GROUP_SIZE)  # narrow models: less
     plain = fine_tune(base, tmp / f"{name}-plain", data, lr, args)
     reference = perplexity(plain, tokenizer, held_out, ctx)
     rows = []
@@ -106,7 +108,7 @@ def compare(
         rows.append(
             {
                 "model": name,
-                "scheme": scheme if scheme != "int4" else f"int4-g{GROUP_SIZE}",
+                "scheme": scheme if scheme != "int4" else f"int4-g{group}",
                 "ppl full precision": round(reference, 4),
                 "ppl PTQ": round(ptq, 4),
                 "ppl QAT quantized": round(qat_q, 4),
