@@ -17,6 +17,9 @@ class Terminal:
     def __init__(self, argv: list[str]) -> None:
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: the pty is its controlling terminal
+            # As in a person's shell, Ctrl-C interrupts (a test run started in the
+            # background has SIGINT ignored, which exec would pass on).
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.execv(sys.executable, [sys.executable, "-m", "mistral_nemo.cli", *argv])
         self.buffer = ""
 
