@@ -167,7 +167,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 
 def _plan_training(args: argparse.Namespace, config: ModelConfig, capacity: int | None) -> None:
-    from mistral_nemo.planner import format_training_plan, plan_training
+    from mistral_nemo.planner import format_plan, plan_training
 
     # Training loads the base in fp32, or quantized (QLoRA) as --weights says.
     base = args.weights if args.weights in ("fp8", "int8", "int4") else "fp32"
@@ -188,7 +188,7 @@ def _plan_training(args: argparse.Namespace, config: ModelConfig, capacity: int 
         f"{what}, micro-batch {args.batch} x {args.context} tokens, dp {args.dp} x tp {args.tp}"
         + (", activation checkpointing" if args.activation_checkpointing else "")
     )
-    print(format_training_plan(plan, capacity))
+    print(format_plan(plan, capacity))
 
 
 def _load_llm(args: argparse.Namespace, **engine: Any) -> LLM:

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mistral_nemo.checkpoint import load_model, save_model
 from mistral_nemo.config import ModelConfig
 from mistral_nemo.errors import InvalidRequestError
 
@@ -284,6 +283,10 @@ class Transformer(nn.Module):
         `quantize` ("fp8", "fp8-channel", "int8", "int4") quantizes the linear layers as
         they are read, one tensor at a time.
         """
+        # Imported here: the checkpoint formats sit around the model, which stays importable
+        # (and wrappable) without them.
+        from mistral_nemo.checkpoint import load_model
+
         return load_model(
             path,
             cls,
@@ -304,6 +307,8 @@ class Transformer(nn.Module):
     ) -> None:
         """Write a checkpoint folder in `layout` ("mistral" or "hf"), atomically, in `dtype`
         (default: the weights' own), `extra_files` (name: path or bytes) beside it."""
+        from mistral_nemo.checkpoint import save_model
+
         save_model(
             self, path, layout=layout, progress=progress, extra_files=extra_files, dtype=dtype
         )

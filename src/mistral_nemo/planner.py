@@ -3,6 +3,7 @@ activations, computed from the config (never from remembered figures)."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -84,17 +85,21 @@ def plan_memory(
     return MemoryPlan(weight_bytes, kv_bytes, activation_bytes)
 
 
-def format_plan(plan: MemoryPlan, capacity: int | None = None) -> str:
+def format_plan(plan: MemoryPlan | TrainingPlan, capacity: int | None = None) -> str:
+    """One line a part of `plan` and its total in GiB; whether it fits in `capacity`."""
     gib = 2**30
     lines = [
-        f"weights      {plan.weights / gib:8.2f} GiB",
-        f"KV cache     {plan.kv_cache / gib:8.2f} GiB",
-        f"activations  {plan.activations / gib:8.2f} GiB",
-        f"total        {plan.total / gib:8.2f} GiB",
+        f"{_LABELS.get(f.name, f.name):<12} {getattr(plan, f.name) / gib:8.2f} GiB"
+        for f in dataclasses.fields(plan)
     ]
+    per_process = " per process" if isinstance(plan, TrainingPlan) else ""
+    lines.append(f"{'total':<12} {plan.total / gib:8.2f} GiB{per_process}")
     if capacity is not None:
         lines.append(_fit_line(plan.total, capacity))
     return "\n".join(lines)
+
+
+_LABELS = {"kv_cache": "KV cache"}
 
 
 def _fit_line(total: int, capacity: int) -> str:
@@ -189,18 +194,3 @@ def plan_training(
     logits = min(tokens, chunk_rows(c.vocab_size, d, head_trains=not lora_rank)) * c.vocab_size
     activations = saved + logits * BYTES_PER_LOGIT + tokens * d * 4  # + hidden's gradient
     return TrainingPlan(weights, 4 * trained // shards, 8 * trained // shards, working, activations)
-
-
-def format_training_plan(plan: TrainingPlan, capacity: int | None = None) -> str:
-    gib = 2**30
-    lines = [
-        f"weights      {plan.weights / gib:8.2f} GiB",
-        f"gradients    {plan.gradients / gib:8.2f} GiB",
-        f"optimizer    {plan.optimizer / gib:8.2f} GiB",
-        f"working      {plan.working / gib:8.2f} GiB",
-        f"activations  {plan.activations / gib:8.2f} GiB",
-        f"total        {plan.total / gib:8.2f} GiB per process",
-    ]
-    if capacity is not None:
-        lines.append(_fit_line(plan.total, capacity))
-    return "\n".join(lines)
