@@ -37,7 +37,8 @@ def test_init_random_convert_generate(tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["generate", "{tmp}/none", "--prompt", "x"], "no tekken.json"),
+        (["generate", "{tmp}/none", "--prompt", "x"], "none: no such file or directory"),
+        (["generate", "{tmp}", "--prompt", "x"], "no tokenizer found (tekken.json or"),
         (["convert", "{tmp}/none", "{tmp}/out", "--to", "hf"], "no such file or directory"),
         (["convert", "{tmp}", "{tmp}/out", "--to", "hf"], "no params.json"),
     ],

@@ -42,6 +42,10 @@ class LLM:
     """Load a model (checkpoint folder or GGUF file) and serve many prompts at once through
     the continuous-batching engine.
 
+    The tokenizer comes from the checkpoint (`load_tokenizer`); `skip_tokenizer_init=True`
+    loads none, for a checkpoint without one: prompts are then token ids and outputs carry
+    ids only.
+
     `kv_cache_memory` sizes the paged KV cache (bytes or "4GiB"); by default it takes
     `memory_fraction` of the free memory, but no more than `max_num_seqs` full-length
     sequences need. `kv_cache_dtype` "fp8" stores keys and values in E4M3 (half of bf16).
@@ -64,16 +68,18 @@ class LLM:
         quantize: str | None = None,
         group_size: int = 128,
         kv_cache_dtype: str = "auto",
+        skip_tokenizer_init: bool = False,
     ) -> None:
         self.path: str | Path = "model"
         if isinstance(model, Transformer):
             self.model = model
         else:
             self.path = model
+            if tokenizer is None and not skip_tokenizer_init:
+                tokenizer = load_tokenizer(model)  # first: a missing one fails fast
             self.model = Transformer.from_pretrained(
                 model, dtype=dtype, device=device, quantize=quantize, group_size=group_size
             )
-            tokenizer = tokenizer or load_tokenizer(model)
         self.tokenizer = tokenizer
         config = self.model.config
         max_len = min(max_model_len or config.max_seq_len, config.max_seq_len)
@@ -109,7 +115,10 @@ class LLM:
     def encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise InvalidRequestError("text prompts need a tokenizer")
+                raise InvalidRequestError(
+                    "text prompts need a tokenizer; this LLM has none (skip_tokenizer_init): "
+                    "pass token ids"
+                )
             return self.tokenizer.encode(prompt, bos=True)
         return list(prompt)
 

@@ -24,7 +24,6 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from itertools import groupby
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from tqdm import tqdm
 
 from mistral_nemo.errors import InvalidRequestError
 from mistral_nemo.tokenizer import BaseTokenizer, SpecialTokenPolicy, Tokenizer
-from mistral_nemo.tokenizer.bpe import BPETokenizer, render_template
+from mistral_nemo.tokenizer.bpe import TemplateTokenizer
 from mistral_nemo.train.data import BadLines, check_sizes, corpus_files, read_jsonl
 from mistral_nemo.train.packing import IGNORE, Batch, DataError, EpochStream, epoch_order
 
@@ -105,7 +104,7 @@ def encode_conversation(tokenizer: BaseTokenizer, record: Any) -> EncodedConvers
         if isinstance(tokenizer, Tokenizer):
             ids = _instruct_ids(tokenizer, messages, tools)
             return EncodedConversation(ids, _instruct_trained(tokenizer, ids))
-        if isinstance(tokenizer, BPETokenizer):
+        if isinstance(tokenizer, TemplateTokenizer):
             return _encode_with_template(tokenizer, messages, tools)
     except InvalidRequestError as e:
         raise DataError(str(e)) from None
@@ -157,24 +156,21 @@ def _instruct_trained(tok: Tokenizer, ids: list[int]) -> list[bool]:
 
 
 def _encode_with_template(
-    tok: BPETokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+    tok: TemplateTokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
 ) -> EncodedConversation:
     """Assistant turn i is the text that messages[:i + 1] renders beyond messages[:i] with
     the generation prompt, up to its EOS (a newline the template writes after the EOS is
     formatting between turns, not the assistant's). Ids are marked by the byte where they
     start in the rendered text."""
-    template = tok.chat_template
-    if template is None:
+    if tok.chat_template is None:
         raise ChatTemplateError("this model has no chat template to encode conversations with")
-    if tools and "tools" not in _template_variables(template):
-        raise DataError("this model's chat template has no tools; it would drop their definitions")
-    full = _render(tok, template, messages, tools, False)
+    full = tok.render_chat(messages, tools, False)
     spans = []
     for i, message in enumerate(messages):
         if message.get("role") != "assistant":
             continue
-        before = _render(tok, template, messages[:i], tools, True)
-        through = _render(tok, template, messages[: i + 1], tools, False)
+        before = tok.render_chat(messages[:i], tools, True)
+        through = tok.render_chat(messages[: i + 1], tools, False)
         if not (through.startswith(before) and full.startswith(through)):
             # Per conversation, not fatal: templates such as SmolLM2's write a default system
             # prompt before a first message that is not a system one, but not before none.
@@ -204,34 +200,6 @@ def _encode_with_template(
             )
         trained |= span & (np.arange(len(ids)) <= eos[-1])
     return EncodedConversation(ids, trained.tolist())
-
-
-@lru_cache(maxsize=8)
-def _template_variables(template: str) -> frozenset[str]:
-    from jinja2 import Environment, meta
-
-    return frozenset(meta.find_undeclared_variables(Environment().parse(template)))
-
-
-def _render(
-    tok: BPETokenizer,
-    template: str,
-    messages: list[dict[str, Any]],
-    tools: list[dict[str, Any]] | None,
-    add_generation_prompt: bool,
-) -> str:
-    variables: dict[str, Any] = {
-        "bos_token": tok.control_name(tok.bos_id) if tok.is_control(tok.bos_id) else "",
-        "eos_token": tok.control_name(tok.eos_id) if tok.is_control(tok.eos_id) else "",
-    }
-    if tools:
-        variables["tools"] = tools
-    try:
-        return render_template(
-            template, messages, add_generation_prompt=add_generation_prompt, **variables
-        )
-    except TypeError as e:  # e.g. a template adding a tool call's None content to a string
-        raise DataError(f"chat template failed: {e}") from None
 
 
 def first_conversation(path: Path) -> Any:
