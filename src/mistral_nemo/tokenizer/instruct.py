@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mistral_nemo.tokenizer.base import BaseTokenizer
-from mistral_nemo.tokenizer.validation import text_of, validate_request
+from mistral_nemo.tokenizer.validation import role_of, text_of, validate_request
 
 
 @dataclass
@@ -80,9 +80,11 @@ def _normalize(messages: Sequence[dict[str, Any]], continue_final: bool) -> tupl
     turns: list[_Turn] = []
     previous = None
     for i, m in enumerate(messages):
-        role, text = m["role"], text_of(m.get("content"), f"messages[{i}].content")
+        role, text = role_of(m), text_of(m.get("content"), f"messages[{i}].content")
         if role == "system":
-            if text:
+            # As mistral-common: an empty string or list adds nothing, a list of empty text
+            # parts adds an empty part.
+            if text or (isinstance(m.get("content"), list) and m["content"]):
                 system_texts.append(text)
         elif role == "tool":
             turns.append(_Turn("tool", text, call_id=m["tool_call_id"]))

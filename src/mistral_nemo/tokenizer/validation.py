@@ -16,7 +16,7 @@ from mistral_nemo.errors import InvalidRequestError
 MAX_TOOLS = 128
 TOOL_CALL_ID = re.compile(r"[a-zA-Z0-9]{9}")
 FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
-ROLES = ("system", "user", "assistant", "tool")
+ROLES = ("system", "user", "assistant", "tool", "developer")
 # Which roles may follow which (mistral-common's order rules for NeMo).
 NEXT_ROLES = {
     "system": {"system", "user", "assistant"},
@@ -24,6 +24,12 @@ NEXT_ROLES = {
     "assistant": {"assistant", "user", "tool"},
     "tool": {"assistant", "tool", "user"},
 }
+
+
+def role_of(message: dict[str, Any]) -> str:
+    """A message's role; OpenAI's newer "developer" is a system message, as mistral-common
+    reads it."""
+    return "system" if message["role"] == "developer" else message["role"]
 
 
 def fail(param: str, rule: str) -> InvalidRequestError:
@@ -44,7 +50,7 @@ def text_of(content: Any, param: str) -> str:
             if not isinstance(part.get("text"), str):
                 raise fail(f"{param}[{j}].text", "must be a string")
             texts.append(part["text"])
-        return "\n\n".join(texts)
+        return "\n\n".join(t for t in texts if t)  # empty parts add nothing
     raise fail(
         param, f"content must be a string or a list of text parts, got {type(content).__name__}"
     )
@@ -60,7 +66,7 @@ def validate_request(
     validate_tools(tools)
     for i, message in enumerate(messages):
         _validate_message(message, i)
-    roles = [m["role"] for m in messages]
+    roles = [role_of(m) for m in messages]
     if len(roles) == 1 and roles[0] not in ("user", "system"):
         raise fail(
             "messages[0]",
@@ -86,7 +92,26 @@ def validate_request(
             "the last message must be a user or tool message "
             "(or an assistant message to continue, with continue_final_message)",
         )
+    _validate_assistant_runs(messages, roles)
     _validate_tool_results(messages)
+
+
+def _validate_assistant_runs(messages: Sequence[dict[str, Any]], roles: list[str]) -> None:
+    """Consecutive assistant messages are merged into one turn, which again must not have
+    both content and tool calls."""
+    has_text = has_calls = False
+    for i, (message, role) in enumerate(zip(messages, roles, strict=True)):
+        if role != "assistant":
+            has_text = has_calls = False
+            continue
+        has_text |= bool(text_of(message.get("content"), f"messages[{i}].content"))
+        has_calls |= bool(message.get("tool_calls"))
+        if has_text and has_calls:
+            raise fail(
+                f"messages[{i}]",
+                "consecutive assistant messages are merged into one turn, which cannot have "
+                "both content and tool_calls",
+            )
 
 
 def validate_tools(tools: Sequence[Any] | None) -> None:
@@ -140,8 +165,8 @@ def _validate_message(message: Any, i: int) -> None:
     if role not in ROLES:
         raise fail(f"{param}.role", f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
     text = text_of(message.get("content"), f"{param}.content")
-    if role == "system" and message.get("content") is None:
-        raise fail(f"{param}.content", "a system message must have content")
+    if role in ("system", "developer", "user", "tool") and message.get("content") is None:
+        raise fail(f"{param}.content", f"a {role} message must have content")
     if role == "assistant":
         calls = message.get("tool_calls") or []
         if not isinstance(calls, list):
