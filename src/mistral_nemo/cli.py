@@ -265,15 +265,21 @@ def cmd_eval_lm_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    import uvicorn
-
     from mistral_nemo.server import create_app
+    from mistral_nemo.server.run import run_server
 
     llm = _load_llm(args, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs)
     name = args.served_model_name or Path(llm.path).name
-    app = create_app(llm, name, api_key=args.api_key)
+    app = create_app(
+        llm,
+        name,
+        api_key=args.api_key,
+        max_waiting=args.max_waiting,
+        json_logs=args.log_format == "json",
+    )
     print(f"serving {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    run_server(app, args.host, args.port, args.shutdown_timeout, args.log_format)
+    print("server stopped", file=sys.stderr)
 
 
 def cmd_eval_perplexity(args: argparse.Namespace) -> None:
@@ -455,6 +461,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="fp8: keys and values in E4M3 with a scale per layer",
     )
     p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument(
+        "--max-waiting",
+        type=int,
+        default=None,
+        help="requests that may wait for a slot; past it, 429 with Retry-After (default: no limit)",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds the requests in flight get to finish before they are failed",
+    )
+    p.add_argument(
+        "--log-format", choices=["text", "json"], default="text", help="the per-request log lines"
+    )
     p.set_defaults(func=cmd_serve)
 
     p = verbs.add_parser("convert", help="rewrite a checkpoint in another layout or as GGUF")

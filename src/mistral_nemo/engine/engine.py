@@ -177,6 +177,10 @@ class Engine:
             self._free(seq)
             seq.finish_reason = seq.finish_reason or "abort"
 
+    def num_waiting_requests(self) -> int:
+        """Requests none of whose sequences has started (a request of n > 1 waits as one)."""
+        return len({s.request.request_id for s in self.waiting})
+
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 

@@ -6,6 +6,10 @@ thread-safe queue that it drains between steps, so the event loop never waits fo
 runs steps while any request is unfinished, so every request in flight is batched into the
 same forward passes. Each request reads its outputs from its own asyncio queue; a request
 that stops listening (a client gone mid-stream) is aborted, which frees its blocks.
+
+Overload and shutdown: with `max_waiting`, a request that finds that many already waiting
+for a slot is refused (the client's 429); `drain` refuses new requests (503) and, after a
+timeout, fails the ones still running so that their clients hear why.
 """
 
 from __future__ import annotations
@@ -14,11 +18,13 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from mistral_nemo.engine import Engine, RequestOutput
 from mistral_nemo.sampling import SamplingParams
+from mistral_nemo.server.metrics import RequestRecord, ServerMetrics, current_record
 
 log = logging.getLogger("mistral_nemo.server")
 
@@ -27,7 +33,24 @@ Delivery = RequestOutput | BaseException
 
 
 class EngineError(RuntimeError):
-    """The engine failed while running a step; the requests in it were dropped."""
+    """The engine failed while running a step, or the server stopped; the requests in it
+    were dropped."""
+
+
+class Overloaded(RuntimeError):
+    """The waiting queue is full: the client should retry later (429)."""
+
+
+class ShuttingDown(RuntimeError):
+    """The server is draining for shutdown and takes no new requests (503)."""
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int = 0
+    waiting: int = 0
+    blocks_used: int = 0
+    blocks_free: int = 0
 
 
 @dataclass
@@ -55,48 +78,92 @@ class RequestStream:
     (a client gone) aborts the request."""
 
     def __init__(
-        self, request_id: str, outputs: asyncio.Queue[Delivery], abort: Callable[[str], None]
+        self,
+        request_id: str,
+        outputs: asyncio.Queue[Delivery],
+        abort: Callable[[str], None],
+        record: RequestRecord | None = None,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self.request_id = request_id
         self._outputs = outputs
         self._abort = abort
+        self._record = record
+        self._metrics = metrics
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         try:
             while True:
                 out = await self._outputs.get()
                 if isinstance(out, BaseException):
+                    if self._record is not None:
+                        self._record.error = str(out)
                     raise EngineError(str(out)) from out
+                self._count(out)
                 yield out
                 if out.finished:
                     return
         finally:
             self._abort(self.request_id)  # a no-op for a request that finished
 
+    def _count(self, out: RequestOutput) -> None:
+        if self._record is None:
+            return
+        per_token = self._record.tokens_arrived(sum(len(o.token_ids) for o in out.outputs))
+        if per_token is not None and self._metrics is not None:
+            self._metrics.inter_token(per_token)
+
 
 class AsyncEngine:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        max_waiting: int | None = None,
+        metrics: ServerMetrics | None = None,
+    ) -> None:
         self.engine = engine
+        self.max_waiting = max_waiting
+        self.metrics = metrics
+        self.draining = False
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._listeners: dict[str, _Listener] = {}  # engine thread only
-        self.running = 0  # requests in flight, published by the engine thread for /health
+        # Published by the engine thread after each step, for /health and /metrics.
+        self.running = 0  # requests in flight
+        self.stats = EngineStats(blocks_free=engine.pool.num_free)
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
 
     async def submit(self, prompt: list[int], params: SamplingParams) -> RequestStream:
         """Hand a request to the engine thread and wait until it is accepted; raises
-        InvalidRequestError if the engine refuses it (so that a client's error is a 4xx
-        before any streaming starts)."""
+        InvalidRequestError if the engine refuses it, Overloaded if the waiting queue is
+        full, ShuttingDown while draining (so that the client hears it before any
+        streaming starts)."""
+        if self.draining:
+            raise ShuttingDown("the server is shutting down and takes no new requests")
+        record = current_record.get()
+        if record is not None:
+            record.prompt_tokens = len(prompt)
         loop = asyncio.get_running_loop()
         accepted: asyncio.Future[str] = loop.create_future()
         listener = _Listener(loop, asyncio.Queue())
         self._inbox.put(lambda: self._add(prompt, params, listener, accepted))
         request_id = await accepted
-        return RequestStream(request_id, listener.outputs, self.abort)
+        return RequestStream(request_id, listener.outputs, self.abort, record, self.metrics)
 
     def abort(self, request_id: str) -> None:
         """Drop a request (its blocks are freed) before the engine's next step."""
         self._inbox.put(lambda: self._drop(request_id))
+
+    async def drain(self, timeout: float) -> None:
+        """Take no new requests; wait up to `timeout` seconds for those in flight to
+        finish, then fail the rest (their streams end with an error event)."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        while self.running and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.running:
+            message = f"the server shut down before the request finished ({timeout:g} s)"
+            self._inbox.put(lambda: self._fail_all(ShuttingDown(message)))
 
     # -- the engine thread ---------------------------------------------------------------------
 
@@ -109,7 +176,15 @@ class AsyncEngine:
                 self._inbox.get()()
             if self.engine.has_unfinished():
                 self._step()
-            self.running = len(self._listeners)
+            self._publish()
+
+    def _publish(self) -> None:
+        self.running = len(self._listeners)
+        waiting = self.engine.num_waiting_requests()
+        free = self.engine.pool.num_free
+        self.stats = EngineStats(
+            max(0, self.running - waiting), waiting, self.engine.pool.num_blocks - free, free
+        )
 
     def _add(
         self,
@@ -119,6 +194,9 @@ class AsyncEngine:
         accepted: asyncio.Future[str],
     ) -> None:
         try:
+            waiting = self.engine.num_waiting_requests()
+            if self.max_waiting is not None and waiting >= self.max_waiting:
+                raise Overloaded(f"{waiting} requests are waiting for a slot already")
             request_id = self.engine.add_request(prompt, params)
         except Exception as e:  # InvalidRequestError: the client's 4xx; anything else a 500
             listener.call(_refuse, accepted, e)
@@ -139,14 +217,17 @@ class AsyncEngine:
         self._listeners.pop(request_id, None)
         self.engine.abort(request_id)
 
+    def _fail_all(self, error: BaseException) -> None:
+        for request_id, failed in list(self._listeners.items()):
+            self._drop(request_id)
+            failed.send(error)
+
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
         except Exception as e:  # a bug must not take the server down: fail the batch
             log.exception("engine step failed")
-            for request_id, failed in list(self._listeners.items()):
-                self._drop(request_id)
-                failed.send(e)
+            self._fail_all(e)
             return
         for out in outputs:
             listener = self._listeners.get(out.request_id)

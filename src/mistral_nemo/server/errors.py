@@ -9,7 +9,11 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mistral_nemo.errors import InvalidRequestError
+from mistral_nemo.server.async_engine import Overloaded, ShuttingDown
 from mistral_nemo.server.protocol import ErrorInfo, ErrorResponse
+
+# Seconds a refused client should wait: about one decode step's worth of requests ending.
+RETRY = {"Retry-After": "1"}
 
 
 class APIError(Exception):
@@ -20,14 +24,18 @@ class APIError(Exception):
         type_: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.info = ErrorInfo(message=message, type=type_, param=param, code=code)
+        self.headers = headers
 
     def response(self) -> Response:
         body = ErrorResponse(error=self.info).model_dump_json()
-        return Response(body, status_code=self.status, media_type="application/json")
+        return Response(
+            body, status_code=self.status, media_type="application/json", headers=self.headers
+        )
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -39,6 +47,16 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_http_error(_: Request, e: StarletteHTTPException) -> Response:
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
         return APIError(e.status_code, str(e.detail), code=code).response()
+
+    @app.exception_handler(Overloaded)
+    async def on_overload(_: Request, e: Overloaded) -> Response:
+        message = f"the server is overloaded ({e}); retry later"
+        error = APIError(429, message, "rate_limit_error", code="overloaded", headers=RETRY)
+        return error.response()
+
+    @app.exception_handler(ShuttingDown)
+    async def on_shutdown(_: Request, e: ShuttingDown) -> Response:
+        return APIError(503, str(e), "server_error", code="shutting_down").response()
 
     @app.exception_handler(InvalidRequestError)
     async def on_invalid(_: Request, e: InvalidRequestError) -> Response:

@@ -5,6 +5,7 @@ events."""
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import AsyncIterator
 
 from fastapi.responses import Response, StreamingResponse
@@ -12,8 +13,9 @@ from pydantic import BaseModel
 
 from mistral_nemo.engine import RequestOutput
 from mistral_nemo.sampling import DEFAULT_TEMPERATURE, SamplingParams
-from mistral_nemo.server.async_engine import AsyncEngine, EngineError, RequestStream
+from mistral_nemo.server.async_engine import AsyncEngine, EngineError, RequestStream, ShuttingDown
 from mistral_nemo.server.errors import APIError
+from mistral_nemo.server.metrics import current_record
 from mistral_nemo.server.protocol import ErrorInfo, ErrorResponse, SamplingFields
 from mistral_nemo.structured import Guidance
 from mistral_nemo.tokenizer import BaseTokenizer
@@ -28,8 +30,8 @@ class OpenAIServing:
         self.model_name = model_name
         self.max_model_len = max_model_len
 
-    def check_model(self, name: str) -> None:
-        if name != self.model_name:
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
             raise APIError(
                 404,
                 f"the model {name!r} does not exist; this server serves {self.model_name!r}",
@@ -109,12 +111,22 @@ class OpenAIServing:
         return next(iter(asked.values()), None)
 
     @staticmethod
+    def new_request_id(prefix: str) -> str:
+        """A fresh id for an accepted request, noted in its log record."""
+        request_id = f"{prefix}-{uuid.uuid4().hex}"
+        if (record := current_record.get()) is not None:
+            record.request_id = request_id
+        return request_id
+
+    @staticmethod
     async def final_output(stream: RequestStream) -> RequestOutput:
         final = None
         try:
             async for out in stream:
                 final = out
         except EngineError as e:
+            if isinstance(e.__cause__, ShuttingDown):
+                raise APIError(503, str(e), "server_error", code="shutting_down") from None
             raise APIError(500, f"the engine failed: {e}", "server_error") from None
         assert final is not None  # the stream ends with a finished output
         return final

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
@@ -80,7 +79,7 @@ class ChatServing(OpenAIServing):
             guided=guided,
         )
         stream = await self.engine.submit(prompt, params)
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        rid = self.new_request_id("chatcmpl")
         with_tools = tools is not None and choice != "none"
         if body.stream:
             return self.sse(self._chunks(rid, stream, params.n, with_tools, body))

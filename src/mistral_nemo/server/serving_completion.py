@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 from fastapi.responses import Response
@@ -29,7 +28,7 @@ class CompletionServing(OpenAIServing):
             body, len(ids), body.max_tokens, body.logprobs, guided=self.guidance(body)
         )
         stream = await self.engine.submit(ids, params)
-        rid = f"cmpl-{uuid.uuid4().hex}"
+        rid = self.new_request_id("cmpl")
         if body.stream:
             return self.sse(self._chunks(rid, stream, body.include_usage))
         final = await self.final_output(stream)
