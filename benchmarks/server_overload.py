@@ -1,0 +1,192 @@
+"""The server under a storm: many concurrent streaming clients against `mistral-nemo serve
+--max-waiting N`, then a SIGTERM in the middle of another storm.
+
+    python benchmarks/server_overload.py [--model PATH] [--clients 512] [--max-waiting 64]
+                                         [--max-num-seqs 64] [--max-tokens 32]
+
+The model is a random checkpoint of the tiny preset (NeMo's vocabulary) unless --model
+names one. Goals (the server issue): no 5xx; every response complete or a 429 with
+Retry-After; /health and /metrics answering within 100 ms throughout (probed every 50 ms);
+the server's RSS flat after the storm (a second storm ends where the first did); after a
+SIGTERM during load, every accepted request complete and the process exits 0.
+Writes benchmarks/results/server_overload.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+from common import save, table
+
+from mistral_nemo import ModelConfig
+from mistral_nemo.checkpoint.random_init import init_random
+
+
+@dataclass
+class Storm:
+    complete: int = 0
+    refused_429: int = 0
+    refused_other: list[str] = field(default_factory=list)  # 503, connection refused
+    incomplete: list[str] = field(default_factory=list)  # accepted, then lost
+    server_errors: list[str] = field(default_factory=list)  # 5xx
+    probe_ms: list[float] = field(default_factory=list)
+
+
+async def one_client(client: httpx.AsyncClient, i: int, max_tokens: int, storm: Storm) -> None:
+    body = {
+        "messages": [{"role": "user", "content": f"Client {i}: tell me a story."}],
+        "max_tokens": max_tokens,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    try:
+        async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+            if r.status_code == 429:
+                await r.aread()
+                error = json.loads(r.text)["error"]
+                if "retry-after" in r.headers and error["type"] == "rate_limit_error":
+                    storm.refused_429 += 1
+                else:
+                    storm.incomplete.append(f"429 without Retry-After: {r.text}")
+                return
+            if r.status_code >= 500:
+                await r.aread()
+                (storm.refused_other if r.status_code == 503 else storm.server_errors).append(
+                    f"{r.status_code} {r.text[:200]}"
+                )
+                return
+            events = [line[6:] async for line in r.aiter_lines() if line.startswith("data: ")]
+    except httpx.TransportError as e:  # connections refused once a shutdown began
+        storm.refused_other.append(type(e).__name__)
+        return
+    finished = [
+        json.loads(e)["choices"][0].get("finish_reason") for e in events[:-1] if '"choices"' in e
+    ]
+    if events and events[-1] == "[DONE]" and finished and finished[-1] == "length":
+        storm.complete += 1
+    else:
+        storm.incomplete.append(" | ".join(events[-2:])[:300])
+
+
+async def probe(base: str, storm: Storm, stop: asyncio.Event) -> None:
+    """/health and /metrics every 50 ms, on a connection of their own."""
+    async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+        while not stop.is_set():
+            for path in ("/health", "/metrics"):
+                start = time.perf_counter()
+                try:
+                    (await client.get(path)).raise_for_status()
+                    storm.probe_ms.append(1000 * (time.perf_counter() - start))
+                except httpx.HTTPError:
+                    return  # the server is shutting down
+            await asyncio.sleep(0.05)
+
+
+async def storm(
+    base: str, clients: int, max_tokens: int, sigterm: subprocess.Popen[str] | None = None
+) -> Storm:
+    result = Storm()
+    stop = asyncio.Event()
+    limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
+        prober = asyncio.create_task(probe(base, result, stop))
+        tasks = [
+            asyncio.create_task(one_client(client, i, max_tokens, result)) for i in range(clients)
+        ]
+        if sigterm is not None:
+            await asyncio.sleep(1.0)
+            sigterm.send_signal(signal.SIGTERM)
+        await asyncio.gather(*tasks)
+        stop.set()
+        await prober
+    return result
+
+
+def start_server(model: Path, port: int, args: argparse.Namespace) -> subprocess.Popen[str]:
+    argv = [
+        *(sys.executable, "-m", "mistral_nemo", "serve", str(model), "--port", str(port)),
+        *("--max-waiting", str(args.max_waiting), "--max-num-seqs", str(args.max_num_seqs)),
+        *("--shutdown-timeout", "120", "--kv-cache-memory", "2GiB"),
+    ]
+    proc = subprocess.Popen(argv, stderr=subprocess.DEVNULL, text=True)
+    for _ in range(1200):
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+            return proc
+        except httpx.HTTPError:
+            if proc.poll() is not None:
+                raise SystemExit("the server did not start") from None
+            time.sleep(0.1)
+    raise SystemExit("the server did not answer")
+
+
+def summary(name: str, s: Storm, rss_mib: float) -> dict[str, object]:
+    probes = sorted(s.probe_ms)
+    return {
+        "storm": name,
+        "complete": s.complete,
+        "429": s.refused_429,
+        "refused at shutdown": len(s.refused_other),
+        "lost": len(s.incomplete),
+        "5xx": len(s.server_errors),
+        "probes": len(probes),
+        "probe p50 ms": probes[len(probes) // 2] if probes else None,
+        "probe max ms": probes[-1] if probes else None,
+        "server RSS MiB": round(rss_mib, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--clients", type=int, default=512)
+    parser.add_argument("--max-waiting", type=int, default=64)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--port", type=int, default=8123)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(args.model) if args.model else Path(tmp) / "tiny"
+        if not args.model:
+            init_random(model, ModelConfig.preset("tiny"), "hf", seed=0)
+        base = f"http://127.0.0.1:{args.port}"
+        proc = start_server(model, args.port, args)
+        rss = lambda: psutil.Process(proc.pid).memory_info().rss / 2**20  # noqa: E731
+        rows = []
+        try:
+            asyncio.run(storm(base, 8, args.max_tokens))  # warm up
+            rss_before = rss()
+            for name in ("storm 1", "storm 2"):
+                result = asyncio.run(storm(base, args.clients, args.max_tokens))
+                rows.append(summary(name, result, rss()))
+                print(table(rows[-1:], list(rows[-1])), flush=True)
+                for problem in result.incomplete[:3] + result.server_errors[:3]:
+                    print("  ", problem)
+            result = asyncio.run(storm(base, args.clients, args.max_tokens, sigterm=proc))
+            code = proc.wait(timeout=300)
+            rows.append({**summary("storm + SIGTERM", result, float("nan")), "exit code": code})
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    print(table(rows, list(rows[-1])))
+    first, second = rows[0]["server RSS MiB"], rows[1]["server RSS MiB"]
+    print(f"RSS: {rss_before:.0f} MiB before, {first} after storm 1, {second} after storm 2")
+    save(
+        "server_overload",
+        {"config": vars(args), "rss_before_mib": round(rss_before, 1), "rows": rows},
+    )
+
+
+if __name__ == "__main__":
+    main()
