@@ -3,10 +3,11 @@ its full-precision counterpart after post-training quantization (PTQ) and after 
 QAT fine-tune of the same step budget.
 
     python benchmarks/qat.py [--steps 40] [--batch 2] [--seq-len 512] [--lr 5e-5]
-                             [--lr-here 2e-4] [--pretrain-steps 120] [--models here,demo]
+                             [--lr-here 2e-4] [--pretrain-steps 300] [--models here,demo]
                              [--schemes fp8,int4]
 
-For each model (one pre-trained from scratch here on the corpus, tiny preset; and the demo
+(The figures in docs/distributed.md: `--models demo` at 40 steps, `--models here --steps
+120`.) For each model (`HERE`, pre-trained from scratch here on the corpus; and the demo
 model) the same fine-tune runs three times on the first 95% of the package corpus:
 - plain (bf16 autocast over fp32): its full-precision perplexity is the reference, and
   `mistral-nemo quantize` of it is the PTQ model;
@@ -158,7 +159,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--lr-here", type=float, default=2e-4)
-    parser.add_argument("--pretrain-steps", type=int, default=120)
+    parser.add_argument("--pretrain-steps", type=int, default=300)
     parser.add_argument("--models", default="here,demo")
     parser.add_argument("--schemes", default="fp8,int4")
     args = parser.parse_args()
