@@ -7,7 +7,7 @@
 The model is a random checkpoint of the tiny preset (NeMo's vocabulary) unless --model
 names one. Goals (the server issue): no 5xx; every response complete or a 429 with
 Retry-After; /health and /metrics answering within 100 ms throughout (probed every 50 ms);
-the server's RSS flat after the storm (a second storm ends where the first did); after a
+the server's RSS flat after the storm (later storms end where the first did); after a
 SIGTERM during load, every accepted request complete and the process exits 0.
 Writes benchmarks/results/server_overload.json.
 """
@@ -17,12 +17,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
+import multiprocessing.synchronize
+import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from multiprocessing import Queue
 from pathlib import Path
 
 import httpx
@@ -79,28 +83,41 @@ async def one_client(client: httpx.AsyncClient, i: int, max_tokens: int, storm: 
         storm.incomplete.append(" | ".join(events[-2:])[:300])
 
 
-async def probe(base: str, storm: Storm, stop: asyncio.Event) -> None:
-    """/health and /metrics every 50 ms, on a connection of their own."""
-    async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+def probe(
+    base: str,
+    ready: multiprocessing.synchronize.Event,
+    stop: multiprocessing.synchronize.Event,
+    out: Queue[float],
+) -> None:
+    """/health and /metrics every 50 ms, from a process of its own (the clients' event loop
+    would add its own delays), on a connection opened before the storm, as a monitor's is."""
+    with httpx.Client(base_url=base, timeout=10) as client:
+        client.get("/health").raise_for_status()
+        ready.set()
         while not stop.is_set():
             for path in ("/health", "/metrics"):
                 start = time.perf_counter()
                 try:
-                    (await client.get(path)).raise_for_status()
-                    storm.probe_ms.append(1000 * (time.perf_counter() - start))
+                    client.get(path).raise_for_status()
                 except httpx.HTTPError:
                     return  # the server is shutting down
-            await asyncio.sleep(0.05)
+                out.put(1000 * (time.perf_counter() - start))
+            time.sleep(0.05)
 
 
 async def storm(
     base: str, clients: int, max_tokens: int, sigterm: subprocess.Popen[str] | None = None
 ) -> Storm:
     result = Storm()
-    stop = asyncio.Event()
+    ready, stop, latencies = multiprocessing.Event(), multiprocessing.Event(), Queue()
+    prober = multiprocessing.Process(target=probe, args=(base, ready, stop, latencies))
+    prober.start()
+    ready.wait(timeout=60)
+    # The clients stand for other machines: on the cores they share with the server here,
+    # they yield to it and to the prober, so that the latency measured is the server's.
+    os.setpriority(os.PRIO_PROCESS, 0, 10)
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
-        prober = asyncio.create_task(probe(base, result, stop))
         tasks = [
             asyncio.create_task(one_client(client, i, max_tokens, result)) for i in range(clients)
         ]
@@ -108,8 +125,11 @@ async def storm(
             await asyncio.sleep(1.0)
             sigterm.send_signal(signal.SIGTERM)
         await asyncio.gather(*tasks)
-        stop.set()
-        await prober
+    os.setpriority(os.PRIO_PROCESS, 0, 0)
+    stop.set()
+    prober.join()
+    while not latencies.empty():
+        result.probe_ms.append(latencies.get())
     return result
 
 
@@ -142,7 +162,9 @@ def summary(name: str, s: Storm, rss_mib: float) -> dict[str, object]:
         "5xx": len(s.server_errors),
         "probes": len(probes),
         "probe p50 ms": probes[len(probes) // 2] if probes else None,
+        "probe p99 ms": probes[len(probes) * 99 // 100] if probes else None,
         "probe max ms": probes[-1] if probes else None,
+        "probes over 100 ms": sum(p > 100 for p in probes),
         "server RSS MiB": round(rss_mib, 1),
     }
 
@@ -167,7 +189,7 @@ def main() -> None:
         try:
             asyncio.run(storm(base, 8, args.max_tokens))  # warm up
             rss_before = rss()
-            for name in ("storm 1", "storm 2"):
+            for name in ("storm 1", "storm 2", "storm 3"):
                 result = asyncio.run(storm(base, args.clients, args.max_tokens))
                 rows.append(summary(name, result, rss()))
                 print(table(rows[-1:], list(rows[-1])), flush=True)
@@ -180,8 +202,8 @@ def main() -> None:
             if proc.poll() is None:
                 proc.kill()
     print(table(rows, list(rows[-1])))
-    first, second = rows[0]["server RSS MiB"], rows[1]["server RSS MiB"]
-    print(f"RSS: {rss_before:.0f} MiB before, {first} after storm 1, {second} after storm 2")
+    after = ", ".join(f"{r['server RSS MiB']} after {r['storm']}" for r in rows[:3])
+    print(f"RSS: {rss_before:.0f} MiB before, {after}")
     save(
         "server_overload",
         {"config": vars(args), "rss_before_mib": round(rss_before, 1), "rows": rows},

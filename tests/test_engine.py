@@ -155,6 +155,23 @@ def test_sampling_params_and_outputs(model, tok):
     assert a.usage["completion_tokens"] == 24
 
 
+def test_seeded_sampling_is_the_same_alone_and_batched(model, tok):
+    """Rows that sample alike are drawn together (one softmax for the batch); a seeded
+    request still draws what it draws alone."""
+    llm = LLM(model, tok, kv_cache_memory="16MiB")
+    batch = prompts(6, seed=8)
+    params = [
+        SamplingParams(temperature=0.9, top_p=0.95, min_p=0.02, seed=i, max_tokens=6)
+        for i in range(len(batch))
+    ]
+    alone = [llm.generate([p], q)[0].outputs[0].token_ids for p, q in zip(batch, params)]
+    ids = [llm.engine.add_request(p, q) for p, q in zip(batch, params)]
+    done = {}
+    while len(done) < len(ids):
+        done.update({o.request_id: o for o in llm.engine.step() if o.finished})
+    assert [done[i].outputs[0].token_ids for i in ids] == alone
+
+
 def test_stop_strings_and_stop_ids(model, tok):
     llm = LLM(model, tok, kv_cache_memory="16MiB")
     free = llm.generate(["Once"], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[

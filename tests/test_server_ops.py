@@ -135,7 +135,8 @@ class Gate:
 
 def test_full_waiting_queue_answers_429_and_loses_nothing(tiny_mistral, monkeypatch):
     """One slot, one place in the queue: of three requests, the one that finds the queue
-    full is refused at once with 429 and Retry-After; the two accepted ones complete."""
+    full is refused at once (while the engine is busy) with 429 and Retry-After; the two
+    accepted ones complete."""
     llm = _llm(tiny_mistral, max_model_len=512, max_num_seqs=1)
     gate = Gate(llm.engine)
     monkeypatch.setattr(llm.engine, "step", gate)
@@ -147,11 +148,13 @@ def test_full_waiting_queue_answers_429_and_loses_nothing(tiny_mistral, monkeypa
         first = pool.submit(post)
         while not llm.engine.requests:  # the first is in, its step held at the gate
             time.sleep(0.01)
-        others = [pool.submit(post) for _ in range(2)]
-        while engine._inbox.qsize() < 2:  # both handed to the engine thread, behind the step
+        second = pool.submit(post)
+        while engine._inbox.qsize() < 1:  # handed to the engine thread, behind the step
             time.sleep(0.01)
+        third = pool.submit(post).result()  # the queue is full: refused at once
+        assert third.status_code == 429
         gate.open.set()
-        responses = [first.result(), *(f.result() for f in others)]
+        responses = [first.result(), second.result(), third]
     statuses = sorted(r.status_code for r in responses)
     assert statuses == [200, 200, 429]
     refused = next(r for r in responses if r.status_code == 429)

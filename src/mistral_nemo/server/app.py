@@ -13,7 +13,7 @@ from mistral_nemo.engine import LLM
 from mistral_nemo.server.async_engine import AsyncEngine
 from mistral_nemo.server.errors import install_error_handlers
 from mistral_nemo.server.metrics import RequestLog, ServerMetrics
-from mistral_nemo.server.middleware import APIKeyAuth, BodyLimit
+from mistral_nemo.server.middleware import Admission, APIKeyAuth, BodyLimit
 from mistral_nemo.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -89,6 +89,7 @@ def create_app(
     async def completions(body: CompletionRequest) -> Response:
         return await completion.create(body)
 
+    app.add_middleware(Admission, engine=engine)
     if api_key:
         app.add_middleware(APIKeyAuth, api_key=api_key)
     app.add_middleware(BodyLimit, limit=max_body_bytes)  # before anything reads

@@ -125,6 +125,7 @@ class AsyncEngine:
         self.max_waiting = max_waiting
         self.metrics = metrics
         self.draining = False
+        self._submitting = 0  # event loop only: submitted, not yet accepted or refused
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._listeners: dict[str, _Listener] = {}  # engine thread only
         # Published by the engine thread after each step, for /health and /metrics.
@@ -138,8 +139,7 @@ class AsyncEngine:
         InvalidRequestError if the engine refuses it, Overloaded if the waiting queue is
         full, ShuttingDown while draining (so that the client hears it before any
         streaming starts)."""
-        if self.draining:
-            raise ShuttingDown("the server is shutting down and takes no new requests")
+        self.check_admission()
         record = current_record.get()
         if record is not None:
             record.prompt_tokens = len(prompt)
@@ -147,8 +147,22 @@ class AsyncEngine:
         accepted: asyncio.Future[str] = loop.create_future()
         listener = _Listener(loop, asyncio.Queue())
         self._inbox.put(lambda: self._add(prompt, params, listener, accepted))
-        request_id = await accepted
+        self._submitting += 1
+        try:
+            request_id = await accepted
+        finally:
+            self._submitting -= 1
         return RequestStream(request_id, listener.outputs, self.abort, record, self.metrics)
+
+    def check_admission(self) -> None:
+        """Refuse early, before a request is even encoded: while draining, or when the
+        waiting queue looks full (the last published count plus the requests on their way
+        to the engine). The engine thread's count at submission is the exact check."""
+        if self.draining:
+            raise ShuttingDown("the server is shutting down and takes no new requests")
+        waiting = self.stats.waiting + self._submitting
+        if self.max_waiting is not None and waiting >= self.max_waiting:
+            raise Overloaded(f"{waiting} requests are waiting for a slot already")
 
     def abort(self, request_id: str) -> None:
         """Drop a request (its blocks are freed) before the engine's next step."""

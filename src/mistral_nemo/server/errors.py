@@ -38,6 +38,15 @@ class APIError(Exception):
         )
 
 
+def overloaded(e: Overloaded) -> APIError:
+    message = f"the server is overloaded ({e}); retry later"
+    return APIError(429, message, "rate_limit_error", code="overloaded", headers=RETRY)
+
+
+def shutting_down(e: ShuttingDown) -> APIError:
+    return APIError(503, str(e), "server_error", code="shutting_down")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def on_api_error(_: Request, e: APIError) -> Response:
@@ -50,13 +59,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Overloaded)
     async def on_overload(_: Request, e: Overloaded) -> Response:
-        message = f"the server is overloaded ({e}); retry later"
-        error = APIError(429, message, "rate_limit_error", code="overloaded", headers=RETRY)
-        return error.response()
+        return overloaded(e).response()
 
     @app.exception_handler(ShuttingDown)
     async def on_shutdown(_: Request, e: ShuttingDown) -> Response:
-        return APIError(503, str(e), "server_error", code="shutting_down").response()
+        return shutting_down(e).response()
 
     @app.exception_handler(InvalidRequestError)
     async def on_invalid(_: Request, e: InvalidRequestError) -> Response:

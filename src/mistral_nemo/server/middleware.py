@@ -1,10 +1,11 @@
-"""ASGI middleware: the API key, and the request body limit."""
+"""ASGI middleware: the API key, the request body limit, and load shedding."""
 
 from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mistral_nemo.server.errors import APIError
+from mistral_nemo.server.async_engine import AsyncEngine, Overloaded, ShuttingDown
+from mistral_nemo.server.errors import APIError, overloaded, shutting_down
 
 
 class APIKeyAuth:
@@ -53,3 +54,27 @@ class BodyLimit:
             await self.app(scope, limited, send)
         except APIError as e:
             await e.response()(scope, receive, send)
+
+
+class Admission:
+    """Refuses generation requests while the waiting queue is full (429) or the server is
+    draining (503) before their bodies are read or parsed: under a storm, refusing must
+    cost the event loop next to nothing, or /health waits behind the refusals."""
+
+    GENERATION = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+    def __init__(self, app: ASGIApp, engine: AsyncEngine) -> None:
+        self.app = app
+        self.engine = engine
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in self.GENERATION:
+            try:
+                self.engine.check_admission()
+            except Overloaded as e:
+                await overloaded(e).response()(scope, receive, send)
+                return
+            except ShuttingDown as e:
+                await shutting_down(e).response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from mistral_nemo.engine import RequestOutput
 from mistral_nemo.sampling import DEFAULT_TEMPERATURE, SamplingParams
 from mistral_nemo.server.async_engine import AsyncEngine, EngineError, RequestStream, ShuttingDown
-from mistral_nemo.server.errors import APIError
+from mistral_nemo.server.errors import APIError, shutting_down
 from mistral_nemo.server.metrics import current_record
 from mistral_nemo.server.protocol import ErrorInfo, ErrorResponse, SamplingFields
 from mistral_nemo.structured import Guidance
@@ -126,7 +126,7 @@ class OpenAIServing:
                 final = out
         except EngineError as e:
             if isinstance(e.__cause__, ShuttingDown):
-                raise APIError(503, str(e), "server_error", code="shutting_down") from None
+                raise shutting_down(e.__cause__) from None
             raise APIError(500, f"the engine failed: {e}", "server_error") from None
         assert final is not None  # the stream ends with a finished output
         return final
