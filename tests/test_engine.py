@@ -164,8 +164,9 @@ def test_seeded_sampling_is_the_same_alone_and_batched(model, tok):
         SamplingParams(temperature=0.9, top_p=0.95, min_p=0.02, seed=i, max_tokens=6)
         for i in range(len(batch))
     ]
-    alone = [llm.generate([p], q)[0].outputs[0].token_ids for p, q in zip(batch, params)]
-    ids = [llm.engine.add_request(p, q) for p, q in zip(batch, params)]
+    pairs = list(zip(batch, params, strict=True))
+    alone = [llm.generate([p], q)[0].outputs[0].token_ids for p, q in pairs]
+    ids = [llm.engine.add_request(p, q) for p, q in pairs]
     done = {}
     while len(done) < len(ids):
         done.update({o.request_id: o for o in llm.engine.step() if o.finished})
