@@ -28,11 +28,18 @@ from mistral_nemo.quant.stored import (
     scheme_from_config,
     stored_shapes,
 )
-from mistral_nemo.tokenizer.files import HF_TOKENIZER_FILES
 
 StoredTensor = LazyTensor | GGUFTensor
 # A file saying the weights are random, so tools can label their output as noise.
 RANDOM_MARKER = "RANDOM_WEIGHTS.txt"
+# A tokenizer as transformers saves it, which fine-tunes ship in place of tekken.json.
+HF_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 # Files other than weights and config that travel with a checkpoint when it is converted.
 COMPANION_FILES = ("tekken.json", *HF_TOKENIZER_FILES, "generation_config.json", RANDOM_MARKER)
 # Non-weight tensors some older HF checkpoints carry; safe to ignore.

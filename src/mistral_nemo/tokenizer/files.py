@@ -1,5 +1,4 @@
-"""Tokenizer files: the ones a checkpoint folder may hold, and where the real NeMo one comes
-from when a checkpoint does not bring one."""
+"""Where the real NeMo tokenizer file comes from when a checkpoint does not bring one."""
 
 from __future__ import annotations
 
@@ -9,14 +8,6 @@ from pathlib import Path
 from mistral_nemo.errors import CheckpointError
 
 REFERENCE_TEKKEN = "tekken_240718.json"
-# A tokenizer as transformers saves it, which fine-tunes ship in place of tekken.json.
-HF_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 
 
 def reference_tekken_file() -> Path:
