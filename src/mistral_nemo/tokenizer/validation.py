@@ -97,15 +97,22 @@ def validate_request(
 
 
 def _validate_assistant_runs(messages: Sequence[dict[str, Any]], roles: list[str]) -> None:
-    """Consecutive assistant messages are merged into one turn, which again must not have
-    both content and tool calls."""
+    """Consecutive assistant messages are merged into one turn, which again must have
+    content or tool calls, and not both."""
+    first: int | None = None  # the first message of the current assistant run
     has_text = has_calls = False
-    for i, (message, role) in enumerate(zip(messages, roles, strict=True)):
+    for i, role in enumerate([*roles, "end"]):
         if role != "assistant":
-            has_text = has_calls = False
+            if first is not None and not (has_text or has_calls):
+                raise fail(
+                    f"messages[{first}]", "the assistant's turn has no text and no tool calls"
+                )
+            first = None
             continue
-        has_text |= bool(text_of(message.get("content"), f"messages[{i}].content"))
-        has_calls |= bool(message.get("tool_calls"))
+        if first is None:
+            first, has_text, has_calls = i, False, False
+        has_text |= bool(text_of(messages[i].get("content"), f"messages[{i}].content"))
+        has_calls |= bool(messages[i].get("tool_calls"))
         if has_text and has_calls:
             raise fail(
                 f"messages[{i}]",
@@ -171,7 +178,10 @@ def _validate_message(message: Any, i: int) -> None:
         calls = message.get("tool_calls") or []
         if not isinstance(calls, list):
             raise fail(f"{param}.tool_calls", "must be a list")
-        if bool(text) == bool(calls):
+        # A list of text parts counts as content even when its text is empty, as in
+        # mistral-common; the merged turn must then have text or calls (below).
+        content = message.get("content")
+        if bool(text or (isinstance(content, list) and content)) == bool(calls):
             raise fail(
                 param,
                 "an assistant message must have either content or tool_calls, "
