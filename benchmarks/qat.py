@@ -4,7 +4,7 @@ QAT fine-tune of the same step budget.
 
     python benchmarks/qat.py [--steps 40] [--batch 2] [--seq-len 512] [--lr 5e-5]
                              [--lr-here 2e-4] [--pretrain-steps 300] [--models here,demo]
-                             [--schemes fp8,int4]
+                             [--schemes fp8,int4] [--seed 0]
 
 (The figures in docs/distributed.md: `--models demo` at 40 steps, `--models here --steps
 120`.) For each model (`HERE`, pre-trained from scratch here on the corpus; and the demo
@@ -65,6 +65,7 @@ def fine_tune(
         weight_decay=0.0,
         precision="bf16",
         group_size=GROUP_SIZE,
+        seed=args.seed,
         **extra,  # type: ignore[arg-type]
     )
     return train(config).output
@@ -80,7 +81,7 @@ HERE = ModelConfig(
 
 def pretrained_here(tmp: Path, data: Path, args: argparse.Namespace) -> Path:
     """`HERE` pre-trained from scratch on the training part of the corpus."""
-    init_random(tmp / "init", HERE, "hf", dtype=torch.float32)
+    init_random(tmp / "init", HERE, "hf", seed=args.seed, dtype=torch.float32)
     config = TrainConfig(
         model=str(tmp / "init"),
         output_dir=str(tmp / "pretrain"),
@@ -91,6 +92,7 @@ def pretrained_here(tmp: Path, data: Path, args: argparse.Namespace) -> Path:
         lr=3e-3,
         warmup_steps=max(1, args.pretrain_steps // 10),
         precision="bf16",
+        seed=args.seed,
     )
     return train(config).output
 
@@ -162,6 +164,7 @@ def main() -> None:
     parser.add_argument("--pretrain-steps", type=int, default=300)
     parser.add_argument("--models", default="here,demo")
     parser.add_argument("--schemes", default="fp8,int4")
+    parser.add_argument("--seed", type=int, default=0, help="initial weights and data order")
     args = parser.parse_args()
 
     text = CORPUS.read_text()
@@ -175,7 +178,7 @@ def main() -> None:
             base = pretrained_here(tmp, data, args) if name == "here" else demo_model_path()
             rows += compare(name, base, tmp, data, text[cut:], args)
     print(table(rows, list(rows[0])))
-    name = "qat-" + args.models.replace(",", "-")
+    name = "qat-" + args.models.replace(",", "-") + (f"-seed{args.seed}" if args.seed else "")
     RESULTS.mkdir(exist_ok=True)
     plot(rows, RESULTS / f"{name}.png")
     save(name, {"config": vars(args), "rows": rows})
