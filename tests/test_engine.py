@@ -84,6 +84,43 @@ def test_chunked_prefill_logits_equal_unchunked(model):
     assert (torch.cat(parts, dim=1) - full).abs().max().item() <= 1e-4
 
 
+def test_ragged_prefill_batch_equals_each_prompt_alone(model):
+    """Chunks of different lengths, one after 40 cached tokens, in one padded pass: the
+    logits of every real position, and the cache it leaves (read by a batched decode step
+    after it), are those of each prompt run alone; padding is never written."""
+    g = torch.Generator().manual_seed(9)
+    full = [torch.randint(1000, 131072, (n,), generator=g).tolist() for n in (31, 18, 66)]
+    cache = PagedKVCache(model.config, 32, 16, 128, model.dtype, model.device)
+    tables = [list(range(0, 8)), list(range(8, 16)), list(range(16, 24))]
+    starts, lengths = [0, 0, 40], [30, 17, 25]
+    with torch.no_grad():
+        model(torch.tensor([full[2][:40]]), cache=cache.step(tables[2:], [0], 40))
+        rows = list(zip(full, starts, lengths, strict=True))
+        chunk = [f[s : s + n] + [0] * (max(lengths) - n) for f, s, n in rows]
+        ragged = model(torch.tensor(chunk), cache=cache.step(tables, starts, lengths))
+        last = torch.tensor([[f[s + n]] for f, s, n in rows])
+        after = model(last, cache=cache.step(tables, [s + n for _, s, n in rows], 1))
+        for i, (f, s, n) in enumerate(rows):
+            reference = model(torch.tensor([f[: s + n + 1]]))[0]
+            assert (ragged[i, :n] - reference[s : s + n]).abs().max() <= 1e-4
+            assert (after[i, 0] - reference[s + n]).abs().max() <= 1e-4
+
+
+def test_prefill_groups_bound_the_padding():
+    from mistral_nemo.engine.engine import PADDING_WASTE, prefill_groups
+
+    class Seq:  # what the grouping reads of a sequence
+        def __init__(self, computed):
+            self.computed = computed
+
+    chunks = [(Seq(0), n) for n in (30, 3, 28, 29, 31, 200, 190)] + [(Seq(4000), 30)]
+    groups = prefill_groups(chunks)
+    assert sorted(len(g) for g in groups) == [1, 1, 2, 4]  # 3 | 28-31 | 190, 200 | cached
+    for group in groups:
+        lengths = [n for _, n in group]
+        assert 1 - sum(lengths) / (len(group) * max(lengths)) <= PADDING_WASTE
+
+
 def test_long_prompts_are_prefilled_in_chunks_between_decode_steps(model, tok):
     llm = LLM(model, tok, kv_cache_memory="64MiB", max_num_batched_tokens=64)
     short, long = prompts(1, seed=2)[0][:10], prompts(1, seed=3)[0] * 3

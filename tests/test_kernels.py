@@ -60,6 +60,7 @@ def test_fp32_gemv_of_many_vectors(batch, cols, rows):
 
 
 def test_fp32_linear_of_a_few_rows_takes_the_kernel(monkeypatch):
+    """(Without the vectorized kernel, every product is torch's, with the same results.)"""
     w, x = torch.randn(1024, 640), torch.randn(2, 3, 640)
     head = torch.randn(4096, 64)  # a tiny model's LM head: short rows are fine for batches
     calls, real = [], kernels.gemv
@@ -69,7 +70,8 @@ def test_fp32_linear_of_a_few_rows_takes_the_kernel(monkeypatch):
         logits = kernels.linear(torch.ones(16, 64), head)
         kernels.linear(torch.randn(kernels.MAX_BATCH + 1, 640), w)  # torch's
         kernels.linear(torch.randn(1, 64), head)  # one short row: torch's
-    assert len(calls) == 2 and out.shape == (2, 3, 1024)
+    assert len(calls) == (2 if kernels.available(torch.float32) else 0)
+    assert out.shape == (2, 3, 1024)
     assert torch.allclose(out, F.linear(x, w), atol=1e-4)
     assert torch.allclose(logits, F.linear(torch.ones(16, 64), head), atol=1e-4)
 

@@ -160,7 +160,9 @@ def test_tools_on_a_model_without_tool_calls():
     }
     with TestClient(create_app(llm, "demo")) as client:
         reply = client.post("/v1/chat/completions", json=body).json()["choices"][0]
-        none = client.post("/v1/chat/completions", json={**body, "tool_choice": "none"})
+        none = client.post(
+            "/v1/chat/completions", json={**body, "tool_choice": "none", "max_tokens": 24}
+        )
     assert reply["finish_reason"] == "tool_calls", reply
     (call,) = reply["message"]["tool_calls"]
     assert call["function"]["name"] == "weather" and len(call["id"]) == 9

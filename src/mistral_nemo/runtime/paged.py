@@ -68,38 +68,48 @@ class PagedKVCache:
         return k.transpose(1, 2), v.transpose(1, 2)
 
     def step(
-        self, tables: Sequence[Sequence[int]], starts: Sequence[int], length: int
+        self,
+        tables: Sequence[Sequence[int]],
+        starts: Sequence[int],
+        lengths: int | Sequence[int],
     ) -> PagedStep:
-        return PagedStep(self, tables, starts, length)
+        return PagedStep(self, tables, starts, lengths)
 
 
 class PagedStep:
-    """One forward pass over `length` new tokens of each of several sequences, whose earlier
-    tokens (0..start) are already in the blocks listed in their block tables."""
+    """One forward pass over new tokens of several sequences (`lengths` of each, or one
+    length for all), whose earlier tokens (0..start) are already in the blocks listed in
+    their block tables. Sequences of different lengths are padded to the longest: a padding
+    position repeats its sequence's last position and is never written to the cache."""
 
     def __init__(
         self,
         cache: PagedKVCache,
         tables: Sequence[Sequence[int]],
         starts: Sequence[int],
-        length: int,
+        lengths: int | Sequence[int],
     ) -> None:
-        self.cache, self.tables, self.starts, self.length = cache, tables, starts, length
+        self.cache, self.tables, self.starts = cache, tables, starts
+        self.lengths = [lengths] * len(tables) if isinstance(lengths, int) else list(lengths)
+        self.length = max(self.lengths)  # of the padded batch
 
     @cached_property
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """For torch's path: positions [B, T], the slots of positions 0..longest-1 [B,
-        longest] (padding repeats slot 0), the slots to write [B * T], and the mask of several
-        sequences (None for one: its keys are all it sees, causally)."""
+        longest] (padding repeats slot 0), the slots to write (of the real positions, in
+        order), and the mask of several sequences (None for one: its keys are all it sees,
+        causally)."""
         device, bs = self.cache.k.device, self.cache.block_size
-        positions = (
-            torch.tensor(self.starts, device=device)[:, None]
-            + torch.arange(self.length, device=device)[None, :]
-        )
-        longest = max(self.starts) + self.length
+        steps = torch.arange(self.length)[None, :]
+        lengths = torch.tensor(self.lengths)[:, None]
+        positions = (torch.tensor(self.starts)[:, None] + steps.minimum(lengths - 1)).to(device)
+        longest = max(s + n for s, n in zip(self.starts, self.lengths, strict=True))
         n = -(-longest // bs)
         table = torch.tensor([[*t[:n], *[0] * (n - len(t[:n]))] for t in self.tables])
         slots = (table[:, :, None] * bs + torch.arange(bs)).flatten(1)[:, :longest].to(device)
+        write = slots.gather(1, positions).reshape(-1)
+        if self.ragged is not None:
+            write = write[self.ragged]
         mask = None
         if len(self.tables) > 1:  # (one sequence's keys are exactly those it sees)
             # Key j is visible to the query at position p when j <= p (causal, and it masks
@@ -107,7 +117,16 @@ class PagedStep:
             mask = (torch.arange(longest, device=device)[None, None, :] <= positions[:, :, None])[
                 :, None
             ]  # [B, 1, T, longest]
-        return positions, slots, slots.gather(1, positions).reshape(-1), mask
+        return positions, slots, write, mask
+
+    @cached_property
+    def ragged(self) -> torch.Tensor | None:
+        """Which of the padded batch's [B * T] rows are real tokens; None when all are."""
+        if min(self.lengths) == self.length:
+            return None
+        steps = torch.arange(self.length)[None, :]
+        real = (steps < torch.tensor(self.lengths)[:, None]).reshape(-1)
+        return real.nonzero().squeeze(1).to(self.cache.k.device)
 
     def rope(self, start: int, length: int) -> torch.Tensor:
         return self.cache.freqs[self._batch[0]]
@@ -117,12 +136,11 @@ class PagedStep:
     ) -> torch.Tensor:
         b, kv_heads, t, head_dim = k.shape
         _, read_slots, write_slots, mask = self._batch
-        self.cache.store(
-            layer,
-            write_slots,
-            k.transpose(1, 2).reshape(-1, kv_heads, head_dim),
-            v.transpose(1, 2).reshape(-1, kv_heads, head_dim),
-        )
+        k_rows = k.transpose(1, 2).reshape(-1, kv_heads, head_dim)
+        v_rows = v.transpose(1, 2).reshape(-1, kv_heads, head_dim)
+        if self.ragged is not None:
+            k_rows, v_rows = k_rows[self.ragged], v_rows[self.ragged]
+        self.cache.store(layer, write_slots, k_rows, v_rows)
         keys, values = self.cache.read(layer, read_slots)  # [B, kv_heads, longest, hd]
         if t == 1:
             return decode_attention(q, keys, values, mask)

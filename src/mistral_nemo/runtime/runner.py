@@ -87,14 +87,14 @@ class ModelRunner:
     def step(
         self,
         decode: tuple[torch.Tensor, PagedStep] | None,
-        prefills: Sequence[tuple[torch.Tensor, PagedStep, int]],
+        prefills: Sequence[tuple[torch.Tensor, PagedStep, Sequence[int]]],
     ) -> torch.Tensor | None:
         """One serving step: a new token of each decoding sequence (tokens [n, 1] and their
-        paged step), then chunks of prompts ([1, len] each, their step, and how many of the
-        chunk's last positions need logits: 1 where it ends its prompt, more to score the
-        prompt). Logits [rows, vocab] in fp32 of the decoding sequences, then of each chunk's
-        rows, in that order, from one LM head product (sixteen prompts ending together had
-        cost 16); None if no row is wanted."""
+        paged step), then batches of prompt chunks (tokens [B, T] padded to the longest, their
+        ragged step, and how many of each chunk's last positions need logits: 1 where it ends
+        its prompt, more to score the prompt). Logits [rows, vocab] in fp32 of the decoding
+        sequences, then of each chunk's rows, in that order, from one LM head product (sixteen
+        prompts ending together had cost 16); None if no row is wanted."""
         rows: list[torch.Tensor] = []
         if decode is not None:
             tokens, step = decode
@@ -102,9 +102,16 @@ class ModelRunner:
             if prefills:
                 before_large_ops()
         for tokens, cache, wanted in prefills:
-            hidden = self.model.hidden(tokens, cache=cache, last_only=wanted == 1)
-            if wanted:
-                rows.append(hidden[0, -wanted:])
+            last_only = len(wanted) == 1 and wanted[0] == 1
+            hidden = self.model.hidden(tokens, cache=cache, last_only=last_only)
+            if last_only:
+                rows.append(hidden[0])
+                continue
+            rows += [
+                hidden[i, n - w : n]
+                for i, (n, w) in enumerate(zip(cache.lengths, wanted, strict=True))
+                if w
+            ]
         if not rows:
             return None
         return self.model.output(rows[0] if len(rows) == 1 else torch.cat(rows)).float()
