@@ -98,15 +98,18 @@ class Paged:
         return self.cache.step([self.table], [pos], 1)
 
 
+def skip_without_kernel(scheme: str) -> None:
+    kind = {"int8": kernels.WeightKind.INT8, "int4": kernels.WeightKind.INT4}.get(
+        scheme, torch.float8_e4m3fn
+    )
+    if scheme != "fp32" and not kernels.available(kind):
+        pytest.skip("no kernel for this scheme here")
+
+
 @pytest.mark.parametrize("scheme", ["fp32", "int8", "int4", "fp8", "fp8-channel"])
 @pytest.mark.parametrize("cache", [Contiguous, Paged])
 def test_decode_step_matches_the_modules(checkpoint, scheme, cache):
-    if scheme != "fp32" and not kernels.available(
-        {"int8": kernels.WeightKind.INT8, "int4": kernels.WeightKind.INT4}.get(
-            scheme, torch.float8_e4m3fn
-        )
-    ):
-        pytest.skip("no kernel for this scheme here")
+    skip_without_kernel(scheme)
     model = load(checkpoint, scheme)
     assert ModelRunner(model).decode_step.decoder() is not None
     fast = decode_logits(model, cache, through_c=True)
@@ -146,9 +149,10 @@ MANY = (5, 17, 400, 3, 1, 33, 64, 130, 2, 77, 250, 9)
 )
 def test_a_batch_of_sequences_decodes_as_each_alone(checkpoint, scheme, lengths):
     """Sequences of different lengths (one long enough for threaded attention) in one paged
-    pool, decoded together in C: up to kernels.MAX_BATCH per call (fp32 products in tiles,
+    pool, decoded together in C: up to kernels.fp32_rows per call (fp32 products in tiles,
     quantized ones reading each weight row once for all; the attention of all sequences one
     list of jobs), more in several calls."""
+    skip_without_kernel(scheme)
     model = load(checkpoint, scheme)
     runner = ModelRunner(model)
     assert runner.decode_step.decoder() is not None
@@ -279,10 +283,12 @@ def test_which_decode_steps_the_kernels_take(checkpoint):
     model = load(checkpoint, "fp32")
     runner = ModelRunner(model)
     assert not runner.kernels_take(1)  # one row by this narrow model's head: torch's product
-    assert runner.kernels_take(2) and runner.kernels_take(40)  # 40: C calls of 32 and 8
-    assert not runner.kernels_take(kernels.MAX_BATCH_SHORT_ROWS + 1)  # the head: torch's
-    quantized = ModelRunner(load(checkpoint, "int8"))
-    assert quantized.kernels_take(kernels.MAX_BATCH_QUANTIZED)
-    assert not quantized.kernels_take(kernels.MAX_BATCH_QUANTIZED + 1)  # its quantized head
+    head_rows = kernels.fp32_rows(CONFIG.dim)  # (AVX-512: 128, in C calls of 32; AVX2: 4)
+    assert runner.kernels_take(2) and runner.kernels_take(min(40, head_rows))
+    assert not runner.kernels_take(head_rows + 1)  # the head: torch's
+    if kernels.available(kernels.WeightKind.INT8):
+        quantized = ModelRunner(load(checkpoint, "int8"))
+        assert quantized.kernels_take(kernels.MAX_BATCH_QUANTIZED)
+        assert not quantized.kernels_take(kernels.MAX_BATCH_QUANTIZED + 1)  # quantized head
     model.to(torch.bfloat16)
     assert not runner.kernels_take(2)

@@ -1,5 +1,5 @@
-"""Without the kernels (turned off, or a library built for a machine without AVX-512) the
-package imports and generates through torch, the same greedy tokens as with them."""
+"""Without the kernels (turned off, or a library built for a machine without AVX-512 or
+AVX2) the package imports and generates through torch, the same greedy tokens as with them."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,13 +65,25 @@ def test_turned_off_by_environment(with_kernels):
     assert out["tokens"] == with_kernels["tokens"]
 
 
-def test_a_build_without_avx512(with_kernels, tmp_path):
-    """The library of a machine without AVX-512: it builds and loads, and says that no
-    kind has a vectorized kernel (so torch does every product)."""
+def cpu_flags() -> set[str]:
+    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    return next(
+        (set(line.split(":")[1].split()) for line in lines if line.startswith("flags")), set()
+    )
+
+
+@pytest.mark.parametrize("without", ["avx512f", "avx2"])
+def test_builds_without_avx512_or_avx2(with_kernels, tmp_path, without):
+    """The library of a machine without AVX-512 builds and loads: on an AVX2 CPU with FMA,
+    fp32 and bf16 products (and so the fp32 decode step) are vectorized and the rest is
+    torch's; without AVX2 either, torch does every product. The tokens are the same."""
+    flags = f"{DEFAULT_FLAGS} -mno-avx512f" + (" -mno-avx2" if without == "avx2" else "")
     out = run(
-        **{FLAGS_VARIABLE: f"{DEFAULT_FLAGS} -mno-avx512f"},
+        **{FLAGS_VARIABLE: flags},
         XDG_CACHE_HOME=str(tmp_path),  # a build of its own, not left in the user's cache
     )
     assert list(tmp_path.glob("mistral-nemo/kernels-*.so"))
-    assert not any(out["available"].values())
+    avx2 = without == "avx512f" and {"avx2", "fma"} <= cpu_flags()
+    expected = {"BF16": avx2, "FP32": avx2, "FP8": False, "INT4": False, "INT8": False}
+    assert out["available"] == expected
     assert out["tokens"] == with_kernels["tokens"]

@@ -26,6 +26,7 @@ __all__ = [
     "MAX_BATCH",
     "MAX_BATCH_QUANTIZED",
     "MAX_BATCH_SHORT_ROWS",
+    "MAX_BATCH_UNTILED",
     "MIN_COLUMNS",
     "MIN_ELEMENTS",
     "WeightKind",
@@ -40,6 +41,7 @@ __all__ = [
     "pool_sleep",
     "set_threads",
     "threads",
+    "tiled",
 ]
 
 _KINDS = {
@@ -63,6 +65,10 @@ MAX_BATCH_SHORT_ROWS = 128
 # of SmolLM2 shapes, 8-25x of NeMo's (whose dequantized fp32 tiles alone cost ~180 ms for a
 # 14336 x 5120 layer); about even at 64 rows of SmolLM2's.
 MAX_BATCH_QUANTIZED = 32
+# Without the tiles (AVX2 builds), each (row, vector) pair is a dot product of its own: on a
+# 2-core AVX2 EPYC 1.1-4.5x torch's fp32 product for 4 rows of SmolLM2, NeMo and LM head
+# shapes, behind it from 6 rows on for weights that fit the caches (SmolLM2's layers).
+MAX_BATCH_UNTILED = 4
 
 
 _threads: int | None = None  # None: as many as torch's
@@ -188,7 +194,16 @@ def argmax(x: torch.Tensor) -> torch.Tensor | None:
 
 def fp32_rows(cols: int) -> int:
     """How many rows of activations the kernels' fp32 products take, by rows of `cols`."""
+    if not tiled():
+        return MAX_BATCH_UNTILED
     return MAX_BATCH if cols >= MIN_COLUMNS else MAX_BATCH_SHORT_ROWS
+
+
+@cache
+def tiled() -> bool:
+    """Whether fp32 products of many vectors run in tiles here (AVX-512 builds)."""
+    lib = _library()
+    return lib is not None and bool(lib.gemv_tiled())
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

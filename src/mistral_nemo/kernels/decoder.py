@@ -1,4 +1,4 @@
-"""A decode step of several sequences through every layer in one C call per MAX_BATCH of
+"""A decode step of several sequences through every layer in one C call per `fp32_rows` of
 them (`decode_step` in csrc/decode_step.c).
 
 The model describes its layers once (`LayerSpec`, `LinearSpec`), the cache says where each
@@ -16,11 +16,11 @@ import torch
 
 from mistral_nemo.kernels import (
     _KINDS,
-    MAX_BATCH,
     MAX_BATCH_QUANTIZED,
     WeightKind,
     _library,
     available,
+    fp32_rows,
     threads,
 )
 from mistral_nemo.kernels.header import address, check_allocation, ffi
@@ -135,7 +135,7 @@ class Decoder:
             for spec in layers
             for x in (*spec.qkv, spec.wo, *spec.gate_up, spec.w2)
         )
-        self.max_batch = MAX_BATCH if fp32 else MAX_BATCH_QUANTIZED
+        self.max_batch = fp32_rows(dim) if fp32 else MAX_BATCH_QUANTIZED
 
     @staticmethod
     def supports(

@@ -15,8 +15,13 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
+#endif
+/* AVX2 machines (with FMA: every AVX2 CPU but a few of 2013) get 8-wide paths for the fp32
+ * and bf16 products and so the fp32 decode step; the rest of the vector code is AVX-512's. */
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#define MISTRAL_NEMO_AVX2 1
 #endif
 
 /* ==== The interface. Python reads from here to the end marker with cffi (kernels/header.py):
@@ -63,6 +68,10 @@ typedef struct {            /* where layer 0's keys and values are (see attentio
 
 /* 1 if this build has the vector path for `kind`, else 0 (the scalar loop is too slow). */
 int gemv_vectorized(enum weight_kind kind);
+
+/* 1 if fp32 products of many vectors run in tiles (AVX-512 builds), else 0: each (row,
+ * vector) pair is then a dot product of its own, which beats torch's only for a few. */
+int gemv_tiled(void);
 
 /* Send the workers to sleep now rather than after their spin. */
 void pool_sleep(void);
@@ -161,6 +170,41 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even */
     return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
 }
 
+#if defined(MISTRAL_NEMO_AVX2)
+static inline float sum8(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
+/* 8 bf16 values to fp32: each is the top half of its float. */
+static inline __m256 bf16x8_to_f32(const uint16_t *p) {
+    return _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+/* Weights c..c+7 of an fp32 or (`bf16`) bf16 row, as fp32. */
+static inline __m256 load8(const void *w, long c, int bf16) {
+    return bf16 ? bf16x8_to_f32((const uint16_t *)w + c) : _mm256_loadu_ps((const float *)w + c);
+}
+
+/* The dot product of row w and fp32 x over their whole blocks of 8 (*end: where they end),
+ * on four sums (one waits out each multiply-add). Inlined with a constant `bf16`. */
+static inline float dot8(const void *w, const float *x, long n, int bf16, long *end) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    long c = 0;
+    for (; c + 32 <= n; c += 32) {
+        a0 = _mm256_fmadd_ps(load8(w, c, bf16), _mm256_loadu_ps(x + c), a0);
+        a1 = _mm256_fmadd_ps(load8(w, c + 8, bf16), _mm256_loadu_ps(x + c + 8), a1);
+        a2 = _mm256_fmadd_ps(load8(w, c + 16, bf16), _mm256_loadu_ps(x + c + 16), a2);
+        a3 = _mm256_fmadd_ps(load8(w, c + 24, bf16), _mm256_loadu_ps(x + c + 24), a3);
+    }
+    for (; c + 8 <= n; c += 8) a0 = _mm256_fmadd_ps(load8(w, c, bf16), _mm256_loadu_ps(x + c), a0);
+    *end = c;
+    return sum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+}
+#endif
+
 static inline float dot_f32(const float *w, const float *x, long n) {
     long c = 0;
     float tail = 0.f;
@@ -177,6 +221,8 @@ static inline float dot_f32(const float *w, const float *x, long n) {
         a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + c), _mm512_maskz_loadu_ps(m, x + c), a0);
     }
     tail = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#elif defined(MISTRAL_NEMO_AVX2)
+    tail = dot8(w, x, n, 0, &c);
 #endif
     for (; c < n; c++) tail += w[c] * x[c];
     return tail;
