@@ -34,7 +34,7 @@ static long linear(const linear_t *l, const float *x, float *out, long batch, ui
     const long rows = l->rows, cols = l->cols;
     if (l->kind == KIND_INT4)
         return gemv_int4(l->w, x, l->scale, out, rows, cols, l->group, batch, threads);
-#if defined(__AVX512VNNI__)
+#if defined(MISTRAL_NEMO_INT8_DOT)
     if (l->kind == KIND_INT8) return gemv_int8(l->w, x, l->scale, out, rows, cols, batch, threads);
 #endif
     if (l->kind == KIND_FP32) return gemv(l->w, x, out, rows, cols, batch, KIND_FP32, threads);

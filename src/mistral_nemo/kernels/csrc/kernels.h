@@ -18,10 +18,15 @@
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
-/* AVX2 machines (with FMA: every AVX2 CPU but a few of 2013) get 8-wide paths for the fp32
- * and bf16 products and so the fp32 decode step; the rest of the vector code is AVX-512's. */
+/* AVX2 machines (with FMA: every AVX2 CPU but a few of 2013) get 8-wide paths for the fp32,
+ * bf16, int8 and int4 products and so the decode step; the rest of the vector code (FP8,
+ * fp32 tiles, attention, SiLU, argmax) is AVX-512's, with scalar loops elsewhere. */
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
 #define MISTRAL_NEMO_AVX2 1
+#endif
+/* The int8 and int4 products take activations quantized to int8: VNNI's or AVX2's. */
+#if defined(__AVX512VNNI__) || defined(MISTRAL_NEMO_AVX2)
+#define MISTRAL_NEMO_INT8_DOT 1
 #endif
 
 /* ==== The interface. Python reads from here to the end marker with cffi (kernels/header.py):
@@ -146,7 +151,7 @@ static inline float bf16_to_f32(uint16_t h) {
 }
 
 static inline float f16_to_f32(uint16_t h) {
-#if defined(__F16C__) && defined(__AVX512F__) /* (immintrin.h is included with AVX-512) */
+#if defined(__F16C__) && (defined(__AVX512F__) || defined(MISTRAL_NEMO_AVX2)) /* immintrin.h */
     return _cvtsh_ss(h);
 #else
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 31, man = h & 0x3FF, u;

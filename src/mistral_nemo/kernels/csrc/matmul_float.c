@@ -119,7 +119,7 @@ int gemv_vectorized(enum weight_kind kind) {
 #if defined(__AVX512F__)
     if (kind == KIND_FP32) return 1;
 #elif defined(MISTRAL_NEMO_AVX2)
-    if (kind == KIND_FP32 || kind == KIND_BF16) return 1;
+    if (kind == KIND_FP32 || kind == KIND_BF16 || kind == KIND_INT8 || kind == KIND_INT4) return 1;
 #endif
     return 0;
 }

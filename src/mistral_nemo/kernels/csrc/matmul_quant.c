@@ -135,6 +135,71 @@ static float dot_int8_vnni(const int8_t *w, const int8_t *xq, const float *xs, l
 }
 #endif
 
+#if defined(MISTRAL_NEMO_AVX2)
+/* The int32 sums of 32 byte products, 4 per lane: maddubs multiplies unsigned by signed
+ * bytes into pairs of int16, which must not saturate (here |a| <= 127 or a <= 15). */
+static inline __m256i dot_bytes(__m256i a_unsigned, __m256i b_signed) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(a_unsigned, b_signed), _mm256_set1_epi16(1));
+}
+
+/* int4 x int8 as `dot_int4_vnni` computes it, 64 columns (32 weight bytes) at a time: lane i
+ * of the sums covers columns 8i..8i+7 of the 64, so with groups of 32 lanes 0-3 are one
+ * group and 4-7 the next. */
+static float dot_int4_avx2(const uint8_t *w, const int8_t *xq, const float *xs,
+                           const float *xsq, const uint16_t *sz, const float *xsum, long n,
+                           long group) {
+    const long groups = n / group, bytes = n / 2;
+    const int8_t *xe = xq, *xo = xq + bytes;
+    const __m256i low4 = _mm256_set1_epi8(15);
+    float fixed = 0.f, tail = 0.f;
+    for (long g = 0; g < groups; g++) {
+        const float scale = f16_to_f32(sz[2 * g]);
+        fixed += f16_to_f32(sz[2 * g + 1]) * xsum[g] - scale * xsq[g];
+    }
+    __m256 total = _mm256_setzero_ps();
+    long k = 0;
+    for (; k + 32 <= bytes; k += 32) {
+        const __m256i wv = _mm256_loadu_si256((const __m256i *)(w + k));
+        const __m256i lo = _mm256_and_si256(wv, low4);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), low4);
+        const __m256i sums = _mm256_add_epi32(
+            dot_bytes(lo, _mm256_loadu_si256((const __m256i *)(xe + k))),
+            dot_bytes(hi, _mm256_loadu_si256((const __m256i *)(xo + k))));
+        const long g = 2 * k / group, g1 = group == 32 ? g + 1 : g;
+        const float f0 = f16_to_f32(sz[2 * g]) * xs[g], f1 = f16_to_f32(sz[2 * g1]) * xs[g1];
+        total = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_setr_ps(f0, f0, f0, f0, f1, f1, f1, f1),
+                                total);
+    }
+    for (; k < bytes; k++) { /* a last 16 bytes (32 columns) */
+        const long g = 2 * k / group;
+        tail += (float)((w[k] & 15) * xe[k] + (w[k] >> 4) * xo[k]) * f16_to_f32(sz[2 * g]) * xs[g];
+    }
+    return sum8(total) + tail + fixed;
+}
+
+/* int8 x int8 per group of 128: |w| times x with w's sign, so maddubs sees an unsigned
+ * operand and no flip of the weights is needed. */
+static float dot_int8_avx2(const int8_t *w, const int8_t *xq, const float *xs, long n) {
+    __m256 total = _mm256_setzero_ps();
+    float tail = 0.f;
+    for (long g = 0; g * 128 < n; g++) {
+        const long end = (g + 1) * 128 < n ? (g + 1) * 128 : n;
+        __m256i acc = _mm256_setzero_si256();
+        long c = g * 128;
+        for (; c + 32 <= end; c += 32) {
+            const __m256i wv = _mm256_loadu_si256((const __m256i *)(w + c));
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + c));
+            acc = _mm256_add_epi32(acc, dot_bytes(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv)));
+        }
+        long rest = 0;
+        for (; c < end; c++) rest += (long)w[c] * xq[c];
+        total = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(xs[g]), total);
+        tail += (float)rest * xs[g];
+    }
+    return sum8(total) + tail;
+}
+#endif
+
 /* Row `w` of an int4 matrix back to fp32 in `out` (for products of several tokens, which
  * take the weights a tile at a time): (q - 8) * scale + zero, 32 columns at a time (a group
  * holds 32 or more). */
@@ -191,6 +256,10 @@ static void int4_rows(const void *arg, long first, long end) {
                                      xsum, j->cols, j->group);
                 continue;
             }
+#elif defined(MISTRAL_NEMO_AVX2)
+            *out = dot_int4_avx2(w, j->xq + b * j->cols, xsum + groups, xsum + 2 * groups, sz,
+                                 xsum, j->cols, j->group);
+            continue;
 #endif
             *out = dot_int4(w, j->x + b * j->cols, sz, xsum, j->cols, j->group);
         }
@@ -204,7 +273,7 @@ static void dequantize_rows(const void *arg, long first, long end) {
                             j->out + r * j->cols, j->cols, j->group);
 }
 
-#if defined(__AVX512VNNI__)
+#if defined(MISTRAL_NEMO_INT8_DOT)
 /* One int8 product's operands. */
 typedef struct {
     const int8_t *w;        /* [rows, cols] */
@@ -222,9 +291,12 @@ static void int8_rows(const void *arg, long first, long end) {
         const long groups = (j->cols + 127) / 128;
         for (long b = 0; b < j->batch; b++) {
             const float *xs = j->xs + b * (groups + 1);
-            j->out[b * j->rows + r] =
-                j->row_scale[r] *
-                (dot_int8_vnni(j->w + r * j->cols, j->xq + b * j->cols, xs, j->cols) - xs[groups]);
+#if defined(__AVX512VNNI__)
+            const float dot = dot_int8_vnni(j->w + r * j->cols, j->xq + b * j->cols, xs, j->cols);
+#else
+            const float dot = dot_int8_avx2(j->w + r * j->cols, j->xq + b * j->cols, xs, j->cols);
+#endif
+            j->out[b * j->rows + r] = j->row_scale[r] * (dot - xs[groups]);
         }
     }
 }
@@ -248,7 +320,7 @@ long gemv_int4(const uint8_t *w, const float *x, const uint16_t *sz, float *out,
     float *xsum = scratch(3 * groups * batch, sizeof(float), 0, &failed);
     int8_t *xq = NULL;
     uint16_t *xb = NULL;
-#if defined(__AVX512VNNI__)
+#if defined(MISTRAL_NEMO_INT8_DOT)
     xq = scratch(cols * batch, 1, 0, &failed);
 #else
     xb = scratch(cols * batch, sizeof(uint16_t), 0, &failed);
@@ -266,7 +338,7 @@ long gemv_int4(const uint8_t *w, const float *x, const uint16_t *sz, float *out,
             sums[g] = sum;
             xs[g] = amax > 0.f ? amax / 127.f : 1.f;
         }
-#if defined(__AVX512VNNI__)
+#if defined(MISTRAL_NEMO_INT8_DOT)
         int8_t *q = xq + b * cols;
         for (long g = 0; g < groups; g++) {
             float inv = 1.f / xs[g], sum = 0.f;
@@ -292,7 +364,7 @@ done:
     return failed;
 }
 
-#if defined(__AVX512VNNI__)
+#if defined(MISTRAL_NEMO_INT8_DOT)
 /* out [batch, rows] = row_scale * (int8 weights @ x [batch, cols] (fp32)): x is quantized to
  * int8 per group of 128 columns (about 0.4% error, as llama.cpp's CPU dot products do); each
  * weight row is read once for all the vectors. */
@@ -319,7 +391,11 @@ long gemv_int8(const int8_t *w, const float *x, const float *row_scale, float *o
                 q[c] = (int8_t)(v > 127.f ? 127.f : v < -127.f ? -127.f : v);
                 sum += q[c];
             }
-            shift += 128.f * xs[g] * (float)sum;
+#if defined(__AVX512VNNI__)
+            shift += 128.f * xs[g] * (float)sum; /* VNNI's weights are flipped: w + 128 */
+#else
+            (void)sum;
+#endif
         }
         xs[groups] = shift;
     }
