@@ -237,3 +237,18 @@ def test_a_decode_step_without_memory_is_a_memory_error():
     with pytest.raises(MemoryError, match="decode_step"):
         decoder(torch.randn(1, dim), [cache])
     assert not k.any() and not v.any()
+
+
+def test_fp8_gemv_reads_every_e4m3_value():
+    """Every float8_e4m3fn byte but NaN (normals, the 7 subnormals, both zeros, both signs),
+    in rows long enough for the vector path and a scalar tail, times bf16 activations."""
+    if not kernels.available(torch.float8_e4m3fn):
+        pytest.skip("no fp8 kernel on this machine")
+    codes = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F], dtype=torch.uint8)
+    w = codes.repeat(7).view(torch.float8_e4m3fn).reshape(14, 127)  # 127: 15 x 8 + 7
+    x = torch.randn(w.shape[1], generator=torch.Generator().manual_seed(3)).bfloat16()
+    expected = F.linear(x.double(), w.double())
+    got = kernels.gemv(w.contiguous(), x)
+    assert (got.double() - expected).abs().max() <= 1e-5 * (
+        w.double().abs() @ x.double().abs()
+    ).max()

@@ -19,8 +19,8 @@
 #include <immintrin.h>
 #endif
 /* AVX2 machines (with FMA: every AVX2 CPU but a few of 2013) get 8-wide paths for the fp32,
- * bf16, int8 and int4 products and so the decode step; the rest of the vector code (FP8,
- * fp32 tiles, attention, SiLU, argmax) is AVX-512's, with scalar loops elsewhere. */
+ * bf16, FP8, int8 and int4 products and so the decode step; the rest of the vector code
+ * (fp32 tiles, attention, SiLU, argmax) is AVX-512's, with scalar loops elsewhere. */
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
 #define MISTRAL_NEMO_AVX2 1
 #endif
@@ -188,23 +188,39 @@ static inline __m256 bf16x8_to_f32(const uint16_t *p) {
         _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
 
-/* Weights c..c+7 of an fp32 or (`bf16`) bf16 row, as fp32. */
-static inline __m256 load8(const void *w, long c, int bf16) {
-    return bf16 ? bf16x8_to_f32((const uint16_t *)w + c) : _mm256_loadu_ps((const float *)w + c);
+/* 8 float8_e4m3fn bytes to fp32: normal numbers by moving bits (the exponent rebiased by
+ * +120), the 7 subnormals as m / 512. (NaN is not handled: the quantizer never makes it.) */
+static inline __m256 fp8x8_to_f32(const uint8_t *p) {
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    const __m256i em = _mm256_and_si256(b, _mm256_set1_epi32(0x7F));
+    const __m256 normal = _mm256_castsi256_ps(
+        _mm256_add_epi32(_mm256_slli_epi32(em, 20), _mm256_set1_epi32(120 << 23)));
+    const __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(em), _mm256_set1_ps(1.f / 512));
+    const __m256 small = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(8), em));
+    const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x80)), 24);
+    return _mm256_or_ps(_mm256_blendv_ps(normal, sub, small), _mm256_castsi256_ps(sign));
+}
+
+/* Weights c..c+7 of an fp32, bf16 or fp8 row, as fp32. */
+static inline __m256 load8(const void *w, long c, enum weight_kind kind) {
+    if (kind == KIND_BF16) return bf16x8_to_f32((const uint16_t *)w + c);
+    if (kind == KIND_FP8) return fp8x8_to_f32((const uint8_t *)w + c);
+    return _mm256_loadu_ps((const float *)w + c);
 }
 
 /* The dot product of row w and fp32 x over their whole blocks of 8 (*end: where they end),
- * on four sums (one waits out each multiply-add). Inlined with a constant `bf16`. */
-static inline float dot8(const void *w, const float *x, long n, int bf16, long *end) {
+ * on four sums (one waits out each multiply-add). Inlined with a constant `kind`. */
+static inline float dot8(const void *w, const float *x, long n, enum weight_kind kind,
+                         long *end) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     long c = 0;
     for (; c + 32 <= n; c += 32) {
-        a0 = _mm256_fmadd_ps(load8(w, c, bf16), _mm256_loadu_ps(x + c), a0);
-        a1 = _mm256_fmadd_ps(load8(w, c + 8, bf16), _mm256_loadu_ps(x + c + 8), a1);
-        a2 = _mm256_fmadd_ps(load8(w, c + 16, bf16), _mm256_loadu_ps(x + c + 16), a2);
-        a3 = _mm256_fmadd_ps(load8(w, c + 24, bf16), _mm256_loadu_ps(x + c + 24), a3);
+        a0 = _mm256_fmadd_ps(load8(w, c, kind), _mm256_loadu_ps(x + c), a0);
+        a1 = _mm256_fmadd_ps(load8(w, c + 8, kind), _mm256_loadu_ps(x + c + 8), a1);
+        a2 = _mm256_fmadd_ps(load8(w, c + 16, kind), _mm256_loadu_ps(x + c + 16), a2);
+        a3 = _mm256_fmadd_ps(load8(w, c + 24, kind), _mm256_loadu_ps(x + c + 24), a3);
     }
-    for (; c + 8 <= n; c += 8) a0 = _mm256_fmadd_ps(load8(w, c, bf16), _mm256_loadu_ps(x + c), a0);
+    for (; c + 8 <= n; c += 8) a0 = _mm256_fmadd_ps(load8(w, c, kind), _mm256_loadu_ps(x + c), a0);
     *end = c;
     return sum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 }
@@ -227,7 +243,7 @@ static inline float dot_f32(const float *w, const float *x, long n) {
     }
     tail = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
 #elif defined(MISTRAL_NEMO_AVX2)
-    tail = dot8(w, x, n, 0, &c);
+    tail = dot8(w, x, n, KIND_FP32, &c);
 #endif
     for (; c < n; c++) tail += w[c] * x[c];
     return tail;
