@@ -27,6 +27,7 @@ from common import save, table
 
 from mistral_nemo import ModelConfig
 from mistral_nemo.checkpoint.random_init import init_random
+from tests.serve_process import wait_for_server
 
 MODEL = "nemo-tiny"
 
@@ -139,12 +140,7 @@ def main() -> None:
         )
         base = f"http://127.0.0.1:{port}"
         try:
-            for _ in range(600):
-                try:
-                    httpx.get(f"{base}/health", timeout=1)
-                    break
-                except httpx.HTTPError:
-                    time.sleep(0.1)
+            wait_for_server(server, base)
             result = asyncio.run(run(base, prompts, args.clients, args.seconds, args.max_tokens))
         finally:
             server.terminate()

@@ -36,6 +36,7 @@ from common import save, table
 
 from mistral_nemo import ModelConfig
 from mistral_nemo.checkpoint.random_init import init_random
+from tests.serve_process import wait_for_server
 
 
 @dataclass
@@ -146,15 +147,8 @@ def start_server(model: Path, port: int, args: argparse.Namespace) -> subprocess
         *("--shutdown-timeout", "120", "--kv-cache-memory", "2GiB"),
     ]
     proc = subprocess.Popen(argv, stderr=subprocess.DEVNULL, text=True)
-    for _ in range(1200):
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
-            return proc
-        except httpx.HTTPError:
-            if proc.poll() is not None:
-                raise SystemExit("the server did not start") from None
-            time.sleep(0.1)
-    raise SystemExit("the server did not answer")
+    wait_for_server(proc, f"http://127.0.0.1:{port}")
+    return proc
 
 
 def summary(name: str, s: Storm, rss_mib: float) -> dict[str, object]:

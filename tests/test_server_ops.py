@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from serve_process import wait_for_server
 from test_server import MODEL, free_port, serving
 
 from mistral_nemo import Transformer
@@ -180,13 +181,7 @@ def test_sigterm_finishes_running_requests_then_exits_0(tiny_mistral):
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            try:
-                httpx.get(f"{base}/health", timeout=1)
-                break
-            except httpx.HTTPError:
-                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-                time.sleep(0.1)
+        wait_for_server(proc, base)
         started = threading.Barrier(3)
 
         def stream(max_tokens: int) -> list[str]:
